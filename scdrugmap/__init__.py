@@ -1,0 +1,3 @@
+"""scdrugmap: single-cell drug-response prediction with foundation-model embeddings."""
+
+__version__ = "0.1.0"

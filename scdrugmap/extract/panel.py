@@ -1,0 +1,89 @@
+"""A fixed gene panel: the shared feature space of the baseline backbones.
+
+Every dataset is mapped onto the same ordered gene list (genes a dataset lacks are zero),
+so that baseline embeddings of different datasets are comparable and a probe can be
+trained on one dataset and tested on another. The default panel is the 978 LINCS L1000
+landmark genes (Subramanian et al. 2017; see ``panels/README.md``), chosen because they
+were selected to summarise the transcriptome's response to perturbations, drugs included.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+from ..errors import UserError
+
+DEFAULT_PANEL = "l1000"
+TARGET_SUM = 1e4  # counts per 10,000, as scanpy's normalize_total(target_sum=1e4)
+
+
+@dataclass(frozen=True)
+class Panel:
+    name: str
+    symbols: tuple[str, ...]
+    aliases: dict          # alias symbol -> index (older names of the same gene)
+    sha256: str
+
+    def __len__(self) -> int:
+        return len(self.symbols)
+
+
+def load_panel(spec: str = DEFAULT_PANEL) -> Panel:
+    """``l1000`` or the path of a text/TSV file with one gene symbol per line (first column)."""
+    if spec == DEFAULT_PANEL:
+        text = resources.files("scdrugmap.extract").joinpath("panels/l1000_landmark.tsv").read_text()
+        name = DEFAULT_PANEL
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise UserError(f"gene panel {spec!r} is neither 'l1000' nor a readable file of gene symbols")
+        text = path.read_text()
+        name = path.name
+    lines = [line.split("\t") for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    if lines and lines[0][0].lower() == "symbol":
+        lines = lines[1:]
+    symbols = tuple(line[0].strip().upper() for line in lines)
+    if len(set(symbols)) != len(symbols) or not symbols:
+        raise UserError(f"gene panel {spec!r} is empty or lists a gene twice: give unique symbols")
+    aliases = {line[2].strip().upper(): i for i, line in enumerate(lines) if len(line) > 2 and line[2].strip()}
+    return Panel(name, symbols, aliases, hashlib.sha256("\n".join(symbols).encode()).hexdigest())
+
+
+def panel_columns(panel: Panel, symbols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(source column, panel index) pairs for the panel genes a dataset has (first match wins)."""
+    where = {s: i for i, s in enumerate(panel.symbols)}
+    src_cols, dst = [], []
+    seen = set()
+    for col, sym in enumerate(np.char.upper(symbols.astype(str))):
+        idx = where.get(sym, panel.aliases.get(sym))
+        if idx is not None and idx not in seen:
+            seen.add(idx)
+            src_cols.append(col)
+            dst.append(idx)
+    return np.asarray(src_cols, dtype=np.int64), np.asarray(dst, dtype=np.int64)
+
+
+def panel_features(block: sp.csr_matrix, src_cols: np.ndarray, dst: np.ndarray, n_panel: int,
+                   value_kind: str) -> np.ndarray:
+    """log1p of counts per 10,000 (the cell total taken over *all* its genes) on the panel genes."""
+    block = sp.csr_matrix(block, dtype=np.float64)
+    if value_kind == "counts":
+        totals = np.asarray(block.sum(axis=1)).ravel()
+        scale = np.divide(TARGET_SUM, totals, out=np.zeros_like(totals), where=totals > 0)
+        values = sp.diags(scale) @ block[:, src_cols]
+        values = values.toarray()
+        np.log1p(values, out=values)
+    elif value_kind == "normalized":
+        values = np.log1p(block[:, src_cols].toarray())
+    else:  # log1p: already transformed
+        values = block[:, src_cols].toarray()
+    out = np.zeros((block.shape[0], n_panel), dtype=np.float32)
+    out[:, dst] = values
+    return out
+

@@ -1,0 +1,161 @@
+"""Backbone registry: a name maps to a :class:`Backbone` subclass.
+
+Adding a backbone is adding one module to ``scdrugmap/extract/backbones/`` that defines a
+subclass decorated with :func:`register`; nothing else changes. Third-party packages
+register through the ``scdrugmap.backbones`` entry-point group, and the environment
+variable ``SCDRUGMAP_PLUGINS`` (comma-separated module names) loads extra modules.
+
+Backbone modules must import heavy frameworks (torch, transformers) inside methods, never
+at module level, so that the registry loads on the core install (no torch).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import pkgutil
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Callable, ClassVar
+
+import numpy as np
+import scipy.sparse as sp
+
+from ..errors import UserError
+
+_REGISTRY: dict[str, type["Backbone"]] = {}
+_LOADED = False
+
+
+@dataclass
+class Option:
+    """A backbone parameter settable with ``--option NAME=VALUE``; recorded in provenance."""
+
+    default: object
+    help: str
+    type: Callable = str
+
+    def parse(self, name: str, text: str):
+        try:
+            if self.type is bool:
+                if text.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if text.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(text)
+            return self.type(text)
+        except ValueError:
+            raise UserError(f"--option {name}={text!r}: expected a {self.type.__name__}") from None
+
+
+class Backbone:
+    """One frozen model (or baseline) that turns a dataset's cells into embeddings.
+
+    Lifecycle per ``scdrugmap extract`` call: ``__init__`` (load the model) ->
+    :meth:`prepare` (whole-cohort work, e.g. fitting PCA) -> for each dataset
+    :meth:`encoder` returns a function mapping a CSR block of cells x source genes to an
+    ``(n_cells, dim)`` float array.
+    """
+
+    name: ClassVar[str]
+    summary: ClassVar[str] = ""
+    needs_weights: ClassVar[bool] = False      # --model-dir required
+    needs_counts: ClassVar[bool] = True        # refuses --values normalized|log1p datasets
+    requires: ClassVar[tuple[str, ...]] = ()   # importable modules it needs (e.g. "torch")
+    extra: ClassVar[str | None] = None         # pip extra that installs them
+    options: ClassVar[dict[str, Option]] = {}
+
+    def __init__(self, model_dir=None, device: str = "cpu", batch_size: int | None = None,
+                 options: dict | None = None):
+        if self.needs_weights and model_dir is None:
+            raise UserError(f"backbone {self.name!r} needs weights: pass --model-dir pointing at its checkpoint")
+        self.model_dir = model_dir
+        self.device = device
+        self.batch_size = batch_size
+        self.config = self.parse_options(options or {})
+
+    @classmethod
+    def parse_options(cls, given: dict) -> dict:
+        unknown = sorted(set(given) - set(cls.options))
+        if unknown:
+            known = ", ".join(cls.options) or "none"
+            raise UserError(f"unknown option(s) {', '.join(unknown)} for backbone {cls.name!r} (known: {known})")
+        out = {}
+        for key, opt in cls.options.items():
+            value = given.get(key, opt.default)
+            out[key] = opt.parse(key, value) if isinstance(value, str) and opt.type is not str else value
+        return out
+
+    @classmethod
+    def availability(cls) -> tuple[bool, str]:
+        missing = [m for m in cls.requires if importlib.util.find_spec(m) is None]
+        if missing:
+            how = f"pip install 'scdrugmap[{cls.extra}]'" if cls.extra else f"pip install {' '.join(missing)}"
+            return False, f"needs {', '.join(missing)}: {how}"
+        return True, "ready" if not cls.needs_weights else "ready (needs --model-dir)"
+
+    @classmethod
+    def dim_hint(cls) -> str:
+        """The embedding dimension as shown by ``scdrugmap backbones`` (may depend on the checkpoint)."""
+        return str(getattr(cls, "default_dim", "?"))
+
+    # -- called by the runner ------------------------------------------------------------
+    def prepare(self, store, sources: list) -> None:
+        """Whole-cohort work before any dataset is embedded (default: nothing)."""
+
+    def encoder(self, source) -> Callable[[sp.csr_matrix], np.ndarray]:
+        raise NotImplementedError
+
+    @property
+    def dim(self) -> int:
+        raise NotImplementedError
+
+    def dataset_params(self, source) -> dict:
+        """Per-dataset facts worth keeping in provenance (e.g. how many genes matched)."""
+        return {}
+
+    def params(self) -> dict:
+        """Every parameter that determines the embedding; stored as provenance."""
+        return dict(self.config)
+
+    def checkpoint_sha256(self) -> str | None:
+        return None
+
+
+def register(cls: type[Backbone]) -> type[Backbone]:
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise RuntimeError(f"backbone name {cls.name!r} registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _load_all() -> None:
+    global _LOADED
+    if _LOADED:
+        return
+    _LOADED = True
+    from . import backbones
+
+    for mod in pkgutil.iter_modules(backbones.__path__):
+        importlib.import_module(f"{backbones.__name__}.{mod.name}")
+    for ep in entry_points(group="scdrugmap.backbones"):
+        ep.load()
+    for name in filter(None, (m.strip() for m in os.environ.get("SCDRUGMAP_PLUGINS", "").split(","))):
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise UserError(f"SCDRUGMAP_PLUGINS names module {name!r}, which cannot be imported: {e}") from None
+
+
+def get(name: str) -> type[Backbone]:
+    _load_all()
+    if name not in _REGISTRY:
+        raise UserError(f"unknown backbone {name!r}: known backbones are {', '.join(sorted(_REGISTRY))} "
+                        "(see 'scdrugmap backbones')")
+    return _REGISTRY[name]
+
+
+def all_backbones() -> dict[str, type[Backbone]]:
+    _load_all()
+    return dict(sorted(_REGISTRY.items()))

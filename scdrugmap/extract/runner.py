@@ -1,0 +1,160 @@
+"""The extraction runner: every backbone, every dataset, chunk by chunk, resumable.
+
+For each dataset the runner re-reads the verified source file in row chunks aligned with
+the store's Zarr chunks, asks the backbone's encoder for embeddings, and writes each chunk
+through :class:`~scdrugmap.store.arrays.StagedArray`. Only a fully written dataset is
+committed to the index, with its provenance, in one transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import __version__
+from ..errors import UserError
+from ..progress import progress_bar
+from ..store import arrays
+from ..store import source as src
+from ..store.store import Store, now
+from . import registry
+
+
+class DatasetSource:
+    """An ingested dataset's source file, checked against its recorded sha256, read lazily."""
+
+    def __init__(self, row: dict):
+        self.row = row
+        self.name = row["dataset"]
+        self.path = src.verify_source(row)
+        self.n_cells = int(row["n_cells"])
+        self.value_kind = row["value_kind"]
+        self._adata = None
+
+    @property
+    def adata(self):
+        if self._adata is None:
+            self._adata = src.open_h5ad(self.path)
+        return self._adata
+
+    def symbols(self) -> np.ndarray:
+        return src.gene_symbols(self.adata, self.row)
+
+    def ensembl_ids(self) -> np.ndarray | None:
+        col = self.row.get("ensembl_col")
+        if self.row["gene_id_type"] == "ensembl":
+            ids = np.asarray(self.adata.var_names.astype(str))
+        elif col:
+            ids = self.adata.var[col].astype(str).to_numpy()
+        else:
+            return None
+        return np.array([i.split(".")[0] for i in ids])
+
+    def rows(self, lo: int, hi: int):
+        return src.rows_csr(src.matrix(self.adata, self.row.get("source_layer")), lo, hi)
+
+    def close(self):
+        if self._adata is not None:
+            self._adata.file.close()
+            self._adata = None
+
+
+@dataclass
+class ExtractReport:
+    dataset: str
+    status: str          # extracted | skipped
+    n_cells: int = 0
+    dim: int = 0
+    resumed_chunks: int = 0
+
+
+def _sources(store: Store, names: list[str]) -> list[DatasetSource]:
+    rows = store.datasets().set_index("dataset", drop=False)
+    return [DatasetSource({k: (None if _isna(v) else v) for k, v in rows.loc[n].to_dict().items()}) for n in names]
+
+
+def _isna(v) -> bool:
+    try:
+        return v is None or (isinstance(v, float) and np.isnan(v))
+    except TypeError:
+        return False
+
+
+def extract(store: Store, backbone: str, datasets=None, model_dir=None, device: str = "cpu",
+            batch_size: int | None = None, force: bool = False, dtype: str = "float16",
+            options: dict | None = None, chunk_rows: int = arrays.DEFAULT_CHUNK_ROWS,
+            show_progress: bool = True) -> list[ExtractReport]:
+    """Embed ``datasets`` (all when None) with ``backbone`` into ``store``."""
+    if dtype not in arrays.DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(arrays.DTYPES)}")
+    cls = registry.get(backbone)
+    ok, why = cls.availability()
+    if not ok:
+        raise UserError(f"backbone {backbone!r} cannot run here: {why}")
+    names = store.require_datasets(datasets)
+    done = set(store.provenance(backbone)["dataset"])
+    todo = [n for n in names if force or n not in done]
+    reports = [ExtractReport(n, "skipped") for n in names if n not in todo]
+    if not todo:
+        return reports
+    sources = _sources(store, todo)
+    if cls.needs_counts:
+        refused = [s.name for s in sources if s.value_kind != "counts"]
+        if refused:
+            raise UserError(f"backbone {backbone!r} needs raw counts, but dataset(s) {', '.join(refused)} were "
+                            "ingested as normalized/log1p values: re-ingest raw counts (--replace)")
+    model = cls(model_dir=model_dir, device=device, batch_size=batch_size, options=options)
+    try:
+        # Encoders first: they check every dataset (gene overlap, ...) before anything is written.
+        encoders = {source.name: model.encoder(source) for source in sources}
+        model.prepare(store, sources)
+        for source in sources:
+            reports.append(_extract_one(store, model, source, encoders[source.name], dtype, chunk_rows,
+                                        show_progress))
+    finally:
+        for source in sources:
+            source.close()
+    order = {n: i for i, n in enumerate(names)}
+    return sorted(reports, key=lambda r: order[r.dataset])
+
+
+def _extract_one(store: Store, model: registry.Backbone, source: DatasetSource, encode, dtype: str,
+                 chunk_rows: int, show_progress: bool) -> ExtractReport:
+    params = {**model.params(), **model.dataset_params(source)}
+    job = {"params": params, "source_sha256": source.row["source_sha256"],
+           "checkpoint_sha256": model.checkpoint_sha256()}
+    staged = arrays.StagedArray(store.embeddings_path, model.name, source.name, source.n_cells, model.dim,
+                                dtype, chunk_rows, job)
+    already = staged.done_chunks()
+    with progress_bar(f"{model.name} · {source.name}", total=source.n_cells, enabled=show_progress) as advance:
+        for i in range(staged.n_chunks):
+            lo, hi = staged.chunk_bounds(i)
+            if i in already:
+                advance(hi - lo)
+                continue
+            block = source.rows(lo, hi)
+            values = np.asarray(encode(block), dtype=np.float32)
+            staged.write_chunk(i, values)
+            advance(hi - lo)
+    rel = staged.finish()
+    try:
+        with store.transaction() as con:
+            old = con.execute("SELECT array_path FROM provenance WHERE backbone = ? AND dataset = ?",
+                              [model.name, source.name]).fetchone()
+            con.execute("DELETE FROM provenance WHERE backbone = ? AND dataset = ?", [model.name, source.name])
+            con.execute(
+                "INSERT INTO provenance VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [model.name, source.name, rel, source.n_cells, model.dim, dtype, chunk_rows, __version__,
+                 model.checkpoint_sha256(), source.row["source_sha256"],
+                 json.dumps(params, sort_keys=True, default=str), now()])
+    except BaseException:
+        shutil.rmtree(store.embeddings_path / rel, ignore_errors=True)
+        raise
+    if old:
+        shutil.rmtree(store.embeddings_path / old[0], ignore_errors=True)
+    staged.discard()
+    return ExtractReport(source.name, "extracted", source.n_cells, model.dim, len(already))
+

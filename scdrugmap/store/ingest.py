@@ -1,0 +1,249 @@
+"""Ingest: validate an .h5ad completely, then register its dataset and cells in one transaction.
+
+Nothing is written until every check has passed, so a rejected file leaves the store (or
+the absence of one) exactly as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .. import __version__
+from ..errors import UserError
+from . import source as src
+from .schema import CELL_CORE_COLUMNS, COHORT_VIEW, DATASET_CONTEXT_COLUMNS
+from .store import Store, now
+
+DATASET_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+# Spellings mapped without being asked (compared lower-case, with '-', '_' and spaces alike).
+# Anything else must be named with --sensitive / --resistant: guessing a label is worse
+# than asking.
+SENSITIVE_SPELLINGS = {"sensitive", "sensitivity", "sens", "s", "responder", "responders", "responsive",
+                       "response", "good response", "complete response", "cr", "drug sensitive"}
+RESISTANT_SPELLINGS = {"resistant", "resistance", "resist", "res", "r", "non responder", "nonresponder",
+                       "non responders", "nonresponders", "non responsive", "nonresponsive", "no response",
+                       "poor response", "progressive disease", "pd", "drug resistant"}
+LABELS = ("sensitive", "resistant")
+
+
+def _norm(value) -> str:
+    return re.sub(r"[\s_\-]+", " ", str(value).strip().lower())
+
+
+def map_labels(values: pd.Series, sensitive=(), resistant=()) -> dict[str, str]:
+    """Map every distinct raw label to 'sensitive' or 'resistant', or say which ones cannot be."""
+    explicit = {**{_norm(v): "sensitive" for v in sensitive}, **{_norm(v): "resistant" for v in resistant}}
+    both = {_norm(v) for v in sensitive} & {_norm(v) for v in resistant}
+    if both:
+        raise UserError(f"label value(s) {sorted(both)} given as both --sensitive and --resistant")
+    mapping, unmapped = {}, []
+    for raw in pd.unique(values.astype(str)):
+        key = _norm(raw)
+        if key in explicit:
+            mapping[raw] = explicit[key]
+        elif not explicit and key in SENSITIVE_SPELLINGS:
+            mapping[raw] = "sensitive"
+        elif not explicit and key in RESISTANT_SPELLINGS:
+            mapping[raw] = "resistant"
+        else:
+            unmapped.append(raw)
+    if unmapped:
+        raise UserError(f"label value(s) {', '.join(map(repr, sorted(unmapped)))} are not mapped to sensitive/resistant: "
+                        "name them with --sensitive VALUE / --resistant VALUE")
+    return mapping
+
+
+@dataclass
+class IngestRequest:
+    """Everything ``scdrugmap ingest`` takes; see ``scdrugmap ingest --help``."""
+
+    file: Path
+    dataset: str
+    label_col: str
+    sensitive: tuple = ()
+    resistant: tuple = ()
+    sample_col: str | None = None
+    patient_col: str | None = None
+    values: str | None = None
+    layer: str | None = None
+    symbol_col: str | None = None
+    context: dict = field(default_factory=dict)   # drug, cancer_type, tissue, therapy, regimen
+    replace: bool = False
+
+
+@dataclass
+class IngestReport:
+    dataset: str
+    n_cells: int
+    n_genes: int
+    n_sensitive: int
+    n_resistant: int
+    gene_id_type: str
+    value_kind: str
+    replaced: bool
+    warnings: list
+
+
+def _obs_column(obs: pd.DataFrame, col: str | None, option: str) -> pd.Series | None:
+    if col is None:
+        return None
+    if col not in obs.columns:
+        raise UserError(f"{option} {col!r} is not an obs column: the file has {', '.join(obs.columns) or 'none'}")
+    return obs[col]
+
+
+def _extra_obs(obs: pd.DataFrame, used: set[str]) -> pd.DataFrame:
+    """The other obs columns, kept queryable; names that clash with store columns get an 'obs_' prefix."""
+    reserved = set(CELL_CORE_COLUMNS) | set(DATASET_CONTEXT_COLUMNS) | {"cell_id"}
+    extra = {}
+    for col in obs.columns:
+        if col in used:
+            continue
+        name = f"obs_{col}" if col.lower() in reserved else str(col)
+        series = obs[col]
+        if isinstance(series.dtype, pd.CategoricalDtype):
+            cats = series.cat.categories.dtype
+            series = series.astype(cats if pd.api.types.is_numeric_dtype(cats) else object)
+        if not (pd.api.types.is_numeric_dtype(series.dtype) or pd.api.types.is_bool_dtype(series.dtype)):
+            series = series.astype(object).map(lambda v: None if pd.isna(v) else str(v))
+        extra[name] = series.to_numpy()
+    return pd.DataFrame(extra, index=obs.index)
+
+
+def _duck_type(series: pd.Series) -> str:
+    if pd.api.types.is_bool_dtype(series.dtype):
+        return "BOOLEAN"
+    if pd.api.types.is_integer_dtype(series.dtype):
+        return "BIGINT"
+    if pd.api.types.is_float_dtype(series.dtype):
+        return "DOUBLE"
+    return "VARCHAR"
+
+
+def validate(req: IngestRequest):
+    """All checks, no writes. Returns what :func:`ingest` registers."""
+    if not DATASET_NAME_RE.match(req.dataset):
+        raise UserError(f"dataset name {req.dataset!r} is invalid: use letters, digits, '.', '_' or '-'")
+    if req.values is not None and req.values not in src.VALUE_KINDS:
+        raise UserError(f"--values must be one of {', '.join(src.VALUE_KINDS)}")
+    path = Path(req.file).resolve()
+    adata = src.open_h5ad(path)
+    try:
+        obs = adata.obs.copy()
+        if adata.n_obs == 0:
+            raise UserError(f"{path} has no cells")
+        if not obs.index.is_unique:
+            dups = obs.index[obs.index.duplicated()].unique()[:3].tolist()
+            raise UserError(f"cell names (obs_names) are not unique, e.g. {dups}: "
+                            "make them unique (adata.obs_names_make_unique()) before ingest")
+        labels = _obs_column(obs, req.label_col, "--label-col")
+        if labels.isna().any():
+            raise UserError(f"{int(labels.isna().sum())} cells have no value in label column {req.label_col!r}: "
+                            "drop them or give them a label")
+        label_map = map_labels(labels, req.sensitive, req.resistant)
+        samples = _obs_column(obs, req.sample_col, "--sample-col")
+        patients = _obs_column(obs, req.patient_col, "--patient-col")
+        genes = src.detect_gene_ids(adata.var_names, adata.var.columns, req.symbol_col)
+        value_kind = src.detect_value_kind(adata, req.layer, req.values)
+        n_genes = adata.n_vars
+    finally:
+        adata.file.close()
+
+    raw = labels.astype(str)
+    cells = pd.DataFrame({
+        "dataset": req.dataset,
+        "row": np.arange(len(obs), dtype=np.int32),
+        "obs_name": obs.index.astype(str),
+        "label": raw.map(label_map).to_numpy(),
+        "label_raw": raw.to_numpy(),
+        "sample": samples.astype(str).to_numpy() if samples is not None else None,
+        "patient": patients.astype(str).to_numpy() if patients is not None else None,
+    })
+    used = {req.label_col} | {c for c in (req.sample_col, req.patient_col) if c}
+    extra = _extra_obs(obs, used).reset_index(drop=True)
+    warnings = []
+    counts = cells["label"].value_counts()
+    if len(counts) < 2:
+        warnings.append(f"dataset {req.dataset!r} has only {counts.index[0]!r} cells: "
+                        "probes need both classes, so it can be evaluated only in a cohort with other datasets")
+    dataset_row = {
+        "dataset": req.dataset, "n_cells": len(cells), "n_genes": int(n_genes),
+        "n_sensitive": int(counts.get("sensitive", 0)), "n_resistant": int(counts.get("resistant", 0)),
+        "source_path": str(path), "source_sha256": src.sha256_file(path), "source_layer": req.layer,
+        "value_kind": value_kind, "gene_id_type": genes.id_type, "symbol_col": genes.symbol_col,
+        "ensembl_col": genes.ensembl_col, "label_col": req.label_col,
+        "label_map": json.dumps(label_map, sort_keys=True), "sample_col": req.sample_col,
+        "patient_col": req.patient_col,
+        **{k: req.context.get(k) for k in DATASET_CONTEXT_COLUMNS},
+        "scdrugmap_version": __version__, "ingested_at": now(),
+    }
+    return dataset_row, pd.concat([cells, extra], axis=1), warnings
+
+
+def ingest(store_path, req: IngestRequest) -> IngestReport:
+    dataset_row, cells, warnings = validate(req)
+    store_path = Path(store_path)
+    existed = store_path.exists() and (store_path / "index.duckdb").exists()
+    store = Store.open(store_path) if existed else None
+    if store is not None:
+        present = req.dataset in store.dataset_names()
+        if present and not req.replace:
+            raise UserError(f"dataset {req.dataset!r} is already in the store: pass --replace to re-ingest it "
+                            "(its embeddings and probe results are dropped)")
+    else:
+        present = False
+        store = Store.create(store_path)
+    try:
+        stale_arrays = _register(store, dataset_row, cells, replace=present)
+    except BaseException:
+        if not existed:
+            shutil.rmtree(store_path, ignore_errors=True)
+        raise
+    for rel in stale_arrays:
+        shutil.rmtree(store.embeddings_path / rel, ignore_errors=True)
+    return IngestReport(req.dataset, dataset_row["n_cells"], dataset_row["n_genes"], dataset_row["n_sensitive"],
+                        dataset_row["n_resistant"], dataset_row["gene_id_type"], dataset_row["value_kind"],
+                        present, warnings)
+
+
+def _register(store: Store, dataset_row: dict, cells: pd.DataFrame, replace: bool) -> list[str]:
+    name = dataset_row["dataset"]
+    with store.transaction() as con:
+        stale = []
+        if replace:
+            stale = [r[0] for r in con.execute("SELECT array_path FROM provenance WHERE dataset = ?", [name]).fetchall()]
+            runs = [r[0] for r in con.execute(
+                "SELECT run_id FROM probe_runs WHERE list_contains(datasets, ?)", [name]).fetchall()]
+            if runs:
+                con.execute("DELETE FROM probe_results WHERE run_id IN (SELECT unnest(?))", [runs])
+                con.execute("DELETE FROM probe_runs WHERE run_id IN (SELECT unnest(?))", [runs])
+            con.execute("DELETE FROM provenance WHERE dataset = ?", [name])
+            con.execute("DELETE FROM cells WHERE dataset = ?", [name])
+            con.execute("DELETE FROM datasets WHERE dataset = ?", [name])
+        existing = {r[0]: r[1] for r in con.execute(
+            "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = 'cells'").fetchall()}
+        for col in cells.columns:
+            if col in CELL_CORE_COLUMNS:
+                continue
+            if col in existing:
+                if existing[col] != "VARCHAR" and _duck_type(cells[col]) != existing[col]:
+                    con.execute(f'ALTER TABLE cells ALTER COLUMN "{col}" TYPE VARCHAR')
+            else:
+                con.execute(f'ALTER TABLE cells ADD COLUMN "{col}" {_duck_type(cells[col])}')
+        cols = list(dataset_row)
+        con.execute(f"INSERT INTO datasets ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                    [dataset_row[c] for c in cols])
+        con.register("incoming_cells", cells)
+        names = ", ".join(f'"{c}"' for c in cells.columns)
+        con.execute(f"INSERT INTO cells ({names}) SELECT {names} FROM incoming_cells")
+        con.unregister("incoming_cells")
+        con.execute(COHORT_VIEW)
+    return stale

@@ -1,0 +1,104 @@
+"""The DuckDB index schema (see docs/store-format.md for the on-disk format).
+
+Every table is plain SQL so that a user can read a store with nothing but DuckDB.
+``SCHEMA_VERSION`` is bumped whenever a table changes shape.
+"""
+
+SCHEMA_VERSION = 1
+
+# Cell columns every dataset has; extra ``obs`` columns are added beside them at ingest.
+CELL_CORE_COLUMNS = ("dataset", "row", "obs_name", "label", "label_raw", "sample", "patient")
+
+# Dataset-level context that the ``cohort`` view adds to every cell.
+DATASET_CONTEXT_COLUMNS = ("drug", "cancer_type", "tissue", "therapy", "regimen")
+
+DDL = [
+    """CREATE TABLE meta (key VARCHAR PRIMARY KEY, value VARCHAR)""",
+    """CREATE TABLE datasets (
+        dataset VARCHAR PRIMARY KEY,
+        n_cells INTEGER NOT NULL,
+        n_genes INTEGER NOT NULL,
+        n_sensitive INTEGER NOT NULL,
+        n_resistant INTEGER NOT NULL,
+        source_path VARCHAR NOT NULL,
+        source_sha256 VARCHAR NOT NULL,
+        source_layer VARCHAR,
+        value_kind VARCHAR NOT NULL,        -- counts | normalized | log1p
+        gene_id_type VARCHAR NOT NULL,      -- symbol | ensembl
+        symbol_col VARCHAR,                 -- var column with symbols (NULL: var_names)
+        ensembl_col VARCHAR,                -- var column with Ensembl IDs (NULL: var_names or none)
+        label_col VARCHAR NOT NULL,
+        label_map VARCHAR NOT NULL,         -- JSON: raw value -> sensitive|resistant
+        sample_col VARCHAR,
+        patient_col VARCHAR,
+        drug VARCHAR, cancer_type VARCHAR, tissue VARCHAR, therapy VARCHAR, regimen VARCHAR,
+        scdrugmap_version VARCHAR NOT NULL,
+        ingested_at TIMESTAMP NOT NULL
+    )""",
+    """CREATE TABLE cells (
+        dataset VARCHAR NOT NULL,
+        "row" INTEGER NOT NULL,             -- row of this cell in every embedding array of its dataset
+        obs_name VARCHAR NOT NULL,
+        label VARCHAR NOT NULL,             -- sensitive | resistant
+        label_raw VARCHAR NOT NULL,
+        sample VARCHAR,
+        patient VARCHAR,
+        PRIMARY KEY (dataset, "row")
+    )""",
+    """CREATE TABLE provenance (
+        backbone VARCHAR NOT NULL,
+        dataset VARCHAR NOT NULL,
+        array_path VARCHAR NOT NULL,        -- relative to embeddings.zarr/
+        n_cells INTEGER NOT NULL,
+        dim INTEGER NOT NULL,
+        dtype VARCHAR NOT NULL,
+        chunk_rows INTEGER NOT NULL,
+        scdrugmap_version VARCHAR NOT NULL,
+        checkpoint_sha256 VARCHAR,
+        source_sha256 VARCHAR NOT NULL,
+        params VARCHAR NOT NULL,            -- JSON of every preprocessing / model parameter
+        created_at TIMESTAMP NOT NULL,
+        PRIMARY KEY (backbone, dataset)
+    )""",
+    """CREATE TABLE probe_runs (
+        run_id VARCHAR PRIMARY KEY,
+        created_at TIMESTAMP NOT NULL,
+        backbone VARCHAR NOT NULL,
+        head VARCHAR NOT NULL,
+        method VARCHAR NOT NULL,            -- frozen | lora | zero-shot
+        protocol VARCHAR NOT NULL,          -- pooled | cross
+        group_by VARCHAR NOT NULL,          -- sample | patient | none
+        where_sql VARCHAR,
+        seed INTEGER NOT NULL,
+        positive_label VARCHAR NOT NULL,
+        datasets VARCHAR[] NOT NULL,
+        n_cells INTEGER NOT NULL,
+        params VARCHAR NOT NULL,            -- JSON: head parameters and notes
+        note VARCHAR,
+        scdrugmap_version VARCHAR NOT NULL
+    )""",
+    """CREATE TABLE probe_results (
+        run_id VARCHAR NOT NULL,
+        split VARCHAR NOT NULL,             -- fold name, or the held-out dataset
+        status VARCHAR NOT NULL,            -- ok | one-class-test | one-class-train
+        reason VARCHAR,
+        n_train INTEGER, n_test INTEGER, n_test_resistant INTEGER,
+        f1 DOUBLE, macro_f1 DOUBLE, auroc DOUBLE, auprc DOUBLE, accuracy DOUBLE,
+        balanced_accuracy DOUBLE, mcc DOUBLE, "precision" DOUBLE, recall DOUBLE,
+        fit_seconds DOUBLE,
+        PRIMARY KEY (run_id, split)
+    )""",
+]
+
+METRIC_COLUMNS = (
+    "f1", "macro_f1", "auroc", "auprc", "accuracy", "balanced_accuracy", "mcc", "precision", "recall",
+)
+
+
+# The ``cohort`` view: one row per cell with its dataset's context (what ``--where`` sees).
+# Re-created after every ingest, because ingest may add obs columns to ``cells``.
+COHORT_VIEW = (
+    "CREATE OR REPLACE VIEW cohort AS SELECT c.*, "
+    + ", ".join(f"d.{c}" for c in DATASET_CONTEXT_COLUMNS)
+    + " FROM cells c JOIN datasets d USING (dataset)"
+)
