@@ -1,0 +1,311 @@
+"""The ``scdrugmap`` command line: parsing and printing only; the work is in the package."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import UserError
+
+STORE_HELP = "Store directory (or set SCDRUGMAP_STORE)."
+
+
+class Main(click.Group):
+    """Turns a :class:`UserError` into one line on stderr and exit code 2 (no traceback)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UserError as e:
+            click.echo(f"Error: {e}", err=True)
+            sys.exit(e.exit_code)
+
+
+def store_option(f):
+    return click.option("--store", "store_path", envvar="SCDRUGMAP_STORE", required=True,
+                        type=click.Path(file_okay=False, path_type=Path), help=STORE_HELP)(f)
+
+
+def open_store(path):
+    from .store.store import Store
+
+    return Store.open(path)
+
+
+def print_table(frame, title: str | None = None, floatfmt: str = "{:.3f}") -> None:
+    """A readable table on stdout (rich), wide enough for the terminal or a log."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_lines=False, header_style="bold")
+    for col in frame.columns:
+        table.add_column(str(col), justify="right" if frame[col].dtype.kind in "iuf" else "left")
+    for row in frame.itertuples(index=False):
+        table.add_row(*[_cell(v, floatfmt) for v in row])
+    Console(width=max(120, Console().width)).print(table)
+
+
+def _cell(value, floatfmt: str) -> str:
+    import math
+
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, float):
+        return floatfmt.format(value)
+    return str(value)
+
+
+@click.group(cls=Main, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="scdrugmap")
+def main():
+    """Single-cell drug-response prediction with foundation-model embeddings.
+
+    Extract embeddings once into a store (DuckDB index + Zarr arrays), then probe any
+    cohort you can write as SQL, on any machine, without a GPU.
+
+    \b
+    Typical session:
+      scdrugmap ingest pc9.h5ad --store st --dataset pc9 --label-col response
+      scdrugmap extract --store st --backbone pca
+      scdrugmap probe --store st --backbone pca --head lr --protocol pooled
+      scdrugmap leaderboard --store st
+    """
+
+
+# ---- ingest ---------------------------------------------------------------------------------
+@main.command()
+@click.argument("file", type=click.Path(path_type=Path))
+@store_option
+@click.option("--dataset", required=True, help="Name of the dataset in the store.")
+@click.option("--label-col", required=True, help="obs column with the response label.")
+@click.option("--sensitive", multiple=True, help="Label value meaning sensitive (repeatable).")
+@click.option("--resistant", multiple=True, help="Label value meaning resistant (repeatable).")
+@click.option("--sample-col", help="obs column with the sample id.")
+@click.option("--patient-col", help="obs column with the patient id.")
+@click.option("--values", type=click.Choice(["normalized", "log1p"]),
+              help="Say the matrix is not raw counts (backbones that need counts will refuse it).")
+@click.option("--layer", help="Read this layer instead of X (e.g. counts).")
+@click.option("--symbol-col", help="var column with gene symbols (auto-detected).")
+@click.option("--drug")
+@click.option("--cancer-type")
+@click.option("--tissue")
+@click.option("--therapy")
+@click.option("--regimen")
+@click.option("--replace", is_flag=True, help="Re-ingest an existing dataset (drops its embeddings and results).")
+def ingest(file, store_path, dataset, label_col, sensitive, resistant, sample_col, patient_col, values, layer,
+           symbol_col, drug, cancer_type, tissue, therapy, regimen, replace):
+    """Validate FILE (.h5ad) and register its cells in the store (created if absent).
+
+    \b
+    Examples:
+      scdrugmap ingest pc9.h5ad --store st --dataset pc9 --label-col response --sample-col sample_id
+      scdrugmap ingest gbm.h5ad --store st --dataset gbm --label-col condition \\
+          --sensitive ctrl --resistant panobinostat --patient-col patient_id --drug panobinostat
+    """
+    from .store.ingest import IngestRequest
+    from .store.ingest import ingest as do_ingest
+
+    req = IngestRequest(file=file, dataset=dataset, label_col=label_col, sensitive=sensitive, resistant=resistant,
+                        sample_col=sample_col, patient_col=patient_col, values=values, layer=layer,
+                        symbol_col=symbol_col, replace=replace,
+                        context={"drug": drug, "cancer_type": cancer_type, "tissue": tissue, "therapy": therapy,
+                                 "regimen": regimen})
+    r = do_ingest(store_path, req)
+    verb = "replaced" if r.replaced else "ingested"
+    click.echo(f"{verb} {r.dataset}: {r.n_cells:,} cells ({r.n_sensitive:,} sensitive, {r.n_resistant:,} resistant), "
+               f"{r.n_genes:,} genes ({r.gene_id_type}), values: {r.value_kind}")
+    for w in r.warnings:
+        click.echo(f"warning: {w}", err=True)
+
+
+# ---- extract --------------------------------------------------------------------------------
+def _parse_options(pairs) -> dict:
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise UserError(f"--option {pair!r} must be NAME=VALUE")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
+
+
+@main.command()
+@store_option
+@click.option("--backbone", "backbones", multiple=True, required=True, help="Backbone name (repeatable).")
+@click.option("--dataset", "datasets", multiple=True, help="Dataset (repeatable; default: all).")
+@click.option("--model-dir", type=click.Path(path_type=Path), help="Checkpoint directory of the backbone.")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--batch-size", type=int, help="Cells per forward pass (backbone default).")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
+              help="Storage dtype of the embeddings.")
+@click.option("--option", "options", multiple=True, metavar="NAME=VALUE", help="Backbone option (repeatable).")
+@click.option("--chunk-rows", type=click.IntRange(1), default=4096, show_default=True,
+              help="Rows per Zarr chunk (the resume unit).")
+@click.option("--force", is_flag=True, help="Re-extract datasets that already have embeddings.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def extract(store_path, backbones, datasets, model_dir, device, batch_size, dtype, options, chunk_rows, force,
+            quiet):
+    """Embed every cell of the selected datasets with each backbone.
+
+    Already-extracted datasets are skipped unless --force; an interrupted run resumes
+    from its last written chunk.
+
+    \b
+    Examples:
+      scdrugmap extract --store st --backbone hvg --backbone pca
+      scdrugmap extract --store st --backbone pca --dataset pc9 --option n_components=30 --force
+    """
+    from .extract.runner import extract as run_extract
+
+    store = open_store(store_path)
+    opts = _parse_options(options)
+    for name in backbones:
+        for r in run_extract(store, name, datasets=list(datasets), model_dir=model_dir, device=device,
+                             batch_size=batch_size, force=force, dtype=dtype, options=opts, chunk_rows=chunk_rows,
+                             show_progress=not quiet):
+            if r.status == "skipped":
+                click.echo(f"{name} · {r.dataset}: already extracted (use --force to redo)")
+            else:
+                resumed = f", resumed after {r.resumed_chunks} chunks" if r.resumed_chunks else ""
+                click.echo(f"{name} · {r.dataset}: {r.n_cells:,} cells x {r.dim} ({dtype}){resumed}")
+
+
+@main.command()
+def backbones():
+    """List registered backbones: dimension, what they need, whether they can run here.
+
+    \b
+    Example:
+      scdrugmap backbones
+    """
+    import pandas as pd
+
+    from .extract.registry import all_backbones
+
+    rows = []
+    for name, cls in all_backbones().items():
+        ok, why = cls.availability()
+        needs = ["weights (--model-dir)"] if cls.needs_weights else []
+        needs += list(cls.requires)
+        rows.append({"backbone": name, "dim": cls.dim_hint(), "needs": ", ".join(needs) or "-",
+                     "counts only": "yes" if cls.needs_counts else "no", "runs here": why if not ok else "yes",
+                     "what": cls.summary})
+    print_table(pd.DataFrame(rows), title="Backbones")
+
+
+# ---- query ----------------------------------------------------------------------------------
+@main.command()
+@store_option
+@click.argument("sql")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write a CSV.")
+@click.option("--parquet", "parquet_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write a Parquet file.")
+@click.option("--max-rows", default=50, show_default=True, help="Rows printed (files get all).")
+def query(store_path, sql, csv_path, parquet_path, max_rows):
+    """Run one read-only SQL SELECT on the store's index.
+
+    Tables: datasets, cells, provenance, probe_runs, probe_results; view cohort
+    (cells with their dataset's drug, cancer_type, tissue, therapy, regimen).
+
+    \b
+    Examples:
+      scdrugmap query --store st "SELECT dataset, label, count(*) FROM cohort GROUP BY ALL"
+      scdrugmap query --store st "SELECT * FROM provenance" --csv provenance.csv
+    """
+    store = open_store(store_path)
+    frame = store.sql(sql)
+    if csv_path:
+        frame.to_csv(csv_path, index=False)
+    if parquet_path:
+        frame.to_parquet(parquet_path, index=False)
+    print_table(frame.head(max_rows))
+    if len(frame) > max_rows:
+        click.echo(f"... {len(frame) - max_rows:,} more rows ({len(frame):,} in all)")
+
+
+# ---- probe ----------------------------------------------------------------------------------
+@main.command()
+@store_option
+@click.option("--backbone", "backbones", multiple=True, required=True, help="Backbone (repeatable).")
+@click.option("--head", "heads", multiple=True, default=("lr",), show_default=True,
+              type=click.Choice(["lr", "lgbm", "mlp"]), help="Classification head (repeatable).")
+@click.option("--protocol", "protocols", multiple=True, default=("pooled",), show_default=True,
+              type=click.Choice(["pooled", "cross"]),
+              help="pooled: 5-fold CV over the cohort; cross: leave one dataset out (repeatable).")
+@click.option("--group-by", default="auto", show_default=True,
+              type=click.Choice(["auto", "sample", "patient", "none"]),
+              help="Hold out whole samples/patients in pooled CV; auto: patient, else sample, else none.")
+@click.option("--where", help="SQL condition on the cohort view selecting the cells.")
+@click.option("--seed", default=0, show_default=True, help="Seed of splits and heads.")
+@click.option("--positive", default="resistant", show_default=True, type=click.Choice(["resistant", "sensitive"]),
+              help="Positive class of F1, precision, recall.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def probe(store_path, backbones, heads, protocols, group_by, where, seed, positive, quiet):
+    """Train heads on stored embeddings and score them (CPU only, no torch needed).
+
+    Every run is stored (probe_runs, probe_results); the same seed gives the same results.
+
+    \b
+    Examples:
+      scdrugmap probe --store st --backbone pca --head lr --head lgbm --protocol pooled
+      scdrugmap probe --store st --backbone hvg --protocol cross --where "therapy = 'Targeted therapy'"
+      scdrugmap probe --store st --backbone pca --group-by none   # the paper's cell-level split
+    """
+    import pandas as pd
+
+    from .probe.run import run_probe
+
+    store = open_store(store_path)
+    summaries = []
+    for backbone in backbones:
+        for head in heads:
+            for protocol in protocols:
+                run = run_probe(store, backbone=backbone, head=head, protocol=protocol, group_by=group_by,
+                                where=where, seed=seed, positive=positive, show_progress=not quiet)
+                for note in run.notes:
+                    click.echo(f"note: {note}", err=True)
+                summaries.append(run.summary_row())
+    print_table(pd.DataFrame(summaries), title="Probe results (mean ± std over splits)")
+
+
+@main.command()
+@store_option
+@click.option("--metric", default="f1", show_default=True, help="Metric to rank by.")
+@click.option("--protocol", type=click.Choice(["pooled", "cross"]), help="Only this protocol.")
+@click.option("--where", "where_runs", help="SQL condition on probe_runs (e.g. \"head = 'lr'\").")
+def leaderboard(store_path, metric, protocol, where_runs):
+    """Backbones x heads ranked by a metric (latest run of each configuration).
+
+    \b
+    Examples:
+      scdrugmap leaderboard --store st
+      scdrugmap leaderboard --store st --metric auroc --protocol cross
+    """
+    from .probe.run import leaderboard as board
+
+    frame = board(open_store(store_path), metric=metric, protocol=protocol, where=where_runs)
+    print_table(frame, title=f"Leaderboard by {metric}")
+
+
+# ---- demo -----------------------------------------------------------------------------------
+@main.command()
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-out"),
+              show_default=True, help="Where the simulated files and the store go (replaced).")
+@click.option("--seed", default=0, show_default=True)
+def demo(out, seed):
+    """Simulate a cohort, then ingest -> extract -> probe -> leaderboard, in under a minute.
+
+    \b
+    Example:
+      scdrugmap demo --out demo-out
+    """
+    from .demo import run_demo
+
+    run_demo(out, seed=seed, echo=click.echo, table=print_table)
+
+
+if __name__ == "__main__":
+    main()
