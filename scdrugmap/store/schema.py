@@ -82,7 +82,7 @@ DDL = [
         split VARCHAR NOT NULL,             -- fold name, or the held-out dataset
         status VARCHAR NOT NULL,            -- ok | one-class-test | one-class-train
         reason VARCHAR,
-        n_train INTEGER, n_test INTEGER, n_test_resistant INTEGER,
+        n_train INTEGER, n_test INTEGER, n_test_positive INTEGER,
         f1 DOUBLE, macro_f1 DOUBLE, auroc DOUBLE, auprc DOUBLE, accuracy DOUBLE,
         balanced_accuracy DOUBLE, mcc DOUBLE, "precision" DOUBLE, recall DOUBLE,
         fit_seconds DOUBLE,

@@ -1,0 +1,161 @@
+"""Probe runs over a store: load a cohort, split, evaluate a head, record everything.
+
+Reads only the store (index + embedding arrays): no torch, no source files, so a lab that
+received a colleague's store can re-run and extend the evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from .. import __version__
+from ..errors import UserError
+from ..progress import progress_bar
+from ..store.schema import METRIC_COLUMNS
+from ..store.store import Store, check_select, now
+from .evaluate import evaluate
+from .heads import make_head
+from .splits import cross_splits, pooled_splits, resolve_group_by
+
+PROTOCOLS = ("pooled", "cross")
+LEAK_NOTE = ("cell-level random split (--group-by none): cells of one sample fall in both train and test, "
+             "which can leak sample identity and inflate scores")
+
+
+@dataclass
+class ProbeRun:
+    run_id: str
+    backbone: str
+    head: str
+    protocol: str
+    group_by: str
+    n_cells: int
+    datasets: list
+    results: pd.DataFrame
+    notes: list = field(default_factory=list)
+    method: str = "frozen"
+
+    def summary_row(self) -> dict:
+        ok = self.results[self.results["status"] != "one-class-train"]
+        row = {"backbone": self.backbone, "method": self.method, "head": self.head, "protocol": self.protocol,
+               "group_by": self.group_by, "cells": self.n_cells, "splits": f"{len(ok)}/{len(self.results)}"}
+        for metric in ("f1", "macro_f1", "auroc", "auprc", "mcc"):
+            values = ok[metric].dropna()
+            row[metric] = (f"{values.mean():.3f} ± {values.std(ddof=1) if len(values) > 1 else 0:.3f}"
+                           if len(values) else "n/a")
+        row["run_id"] = self.run_id
+        return row
+
+
+def run_probe(store: Store, backbone: str, head: str = "lr", protocol: str = "pooled", group_by: str = "auto",
+              where: str | None = None, seed: int = 0, positive: str = "resistant", n_splits: int = 5,
+              head_params: dict | None = None, show_progress: bool = True) -> ProbeRun:
+    """Evaluate ``head`` on ``backbone``'s embeddings of the cells selected by ``where``; stored."""
+    if protocol not in PROTOCOLS:
+        raise UserError(f"unknown protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}")
+    make_head(head, seed=seed, **(head_params or {}))   # unknown head / params fail before any work
+    X, cells = store.load(backbone, where=where, dtype=np.float32)
+    y = (cells["label"].to_numpy() == positive).astype(np.int64)
+    datasets = sorted(cells["dataset"].unique())
+    classes = set(cells["label"])
+    if len(classes) < 2:
+        only = classes.pop()
+        raise UserError(f"the selected cohort ({', '.join(datasets)}) has only {only!r} cells, so there is "
+                        "nothing to classify: add datasets with both classes or widen --where")
+    notes = []
+    single = [d for d, g in cells.groupby("dataset")["label"] if g.nunique() < 2]
+    if single:
+        notes.append(f"dataset(s) {', '.join(single)} have one class only: "
+                     + ("they are scored on the metrics that one class allows" if protocol == "cross"
+                        else "they take part in training and testing but cannot be scored on their own"))
+    if protocol == "pooled":
+        group_name, groups, note = resolve_group_by(group_by, y, _ids(cells["sample"]), _ids(cells["patient"]))
+        if note:
+            notes.append(note)
+        if group_name is None:
+            notes.append(LEAK_NOTE)
+        splits = pooled_splits(y, groups, n_splits=n_splits, seed=seed)
+        group_label = group_name or "none"
+    else:
+        splits = cross_splits(cells["dataset"].to_numpy())
+        group_label = "dataset"
+    with progress_bar(f"{backbone} · {head} · {protocol}", total=len(splits), enabled=show_progress) as advance:
+        records = evaluate(X, y, splits, head, seed=seed, head_params=head_params, progress=lambda record: advance(1))
+    run = ProbeRun(uuid.uuid4().hex[:12], backbone, head, protocol, group_label, len(cells), datasets,
+                   _results_frame(records), notes)
+    _save(store, run, where, seed, positive, n_splits, head_params)
+    return run
+
+
+def _results_frame(records: list[dict]) -> pd.DataFrame:
+    """One row per split: its status and counts beside the flattened metrics."""
+    rows = []
+    for r in records:
+        metrics = r.get("metrics") or {}
+        rows.append({"split": r["split"], "status": r["status"], "reason": r.get("reason") or None,
+                     "n_train": r["n_train"], "n_test": r["n_test"], "n_test_positive": r["n_test_pos"],
+                     **{m: metrics.get(m, np.nan) for m in METRIC_COLUMNS}, "fit_seconds": r["fit_seconds"]})
+    return pd.DataFrame(rows)
+
+
+def _ids(series: pd.Series):
+    return None if series.isna().all() else series.to_numpy()
+
+
+def _save(store: Store, run: ProbeRun, where, seed, positive, n_splits, head_params) -> None:
+    params = {"head_params": head_params or {}, "n_splits": n_splits,
+              "heads": "see scdrugmap.probe.heads for defaults"}
+    results = run.results.copy()
+    results.insert(0, "run_id", run.run_id)
+    columns = ["run_id", "split", "status", "reason", "n_train", "n_test", "n_test_positive", *METRIC_COLUMNS,
+               "fit_seconds"]
+    for col in columns:
+        if col not in results:
+            results[col] = None
+    with store.transaction() as con:
+        con.execute("INSERT INTO probe_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [run.run_id, now(), run.backbone, run.head, run.method, run.protocol, run.group_by, where, seed,
+                     positive, run.datasets, run.n_cells, json.dumps(params, sort_keys=True),
+                     "; ".join(run.notes) or None, __version__])
+        con.register("incoming_results", results[columns])
+        names = ", ".join(f'"{c}"' for c in columns)
+        con.execute(f"INSERT INTO probe_results ({names}) SELECT {names} FROM incoming_results")
+        con.unregister("incoming_results")
+
+
+def leaderboard(store: Store, metric: str = "f1", protocol: str | None = None, where: str | None = None,
+                ) -> pd.DataFrame:
+    """Latest run of each (backbone, method, head, protocol, grouping, cohort), ranked by ``metric``."""
+    if metric not in METRIC_COLUMNS:
+        raise UserError(f"unknown metric {metric!r}: use one of {', '.join(METRIC_COLUMNS)}")
+    if protocol is not None and protocol not in PROTOCOLS:
+        raise UserError(f"unknown protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}")
+    conditions = ["TRUE"]
+    if protocol:
+        conditions.append(f"protocol = '{protocol}'")
+    if where:
+        conditions.append(f"({where})")
+    query = f"""
+        WITH latest AS (
+            SELECT * FROM probe_runs WHERE {' AND '.join(conditions)}
+            QUALIFY row_number() OVER (PARTITION BY backbone, method, head, protocol, group_by,
+                                       coalesce(where_sql, '') ORDER BY created_at DESC) = 1)
+        SELECT r.backbone, r.method, r.head, r.protocol, r.group_by, coalesce(r.where_sql, '') AS cohort,
+               avg(x.{metric}) AS mean, stddev_samp(x.{metric}) AS std, count(x.{metric}) AS splits,
+               avg(x.auroc) AS auroc, r.n_cells AS cells, r.run_id
+        FROM latest r JOIN probe_results x USING (run_id)
+        WHERE x.status <> 'one-class-train'
+        GROUP BY ALL ORDER BY mean DESC NULLS LAST, r.backbone, r.head"""
+    check_select(query, what="--where clause")
+    frame = store.sql(query)
+    if frame.empty:
+        raise UserError("no probe results yet" + (" for this selection" if (protocol or where) else "")
+                        + ": run 'scdrugmap probe' first")
+    frame.insert(0, "rank", range(1, len(frame) + 1))
+    frame = frame.rename(columns={"mean": metric, "std": f"{metric}_std"})
+    return frame

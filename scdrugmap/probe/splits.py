@@ -1,0 +1,217 @@
+"""Train/test splits for pooled-data and cross-data evaluation.
+
+Pooled evaluation is k-fold cross-validation over all cells. Cells of one sample
+(or patient) share batch effects and response label, so a cell-level split lets a
+head recognise the sample rather than the response; holding out whole groups
+(:func:`pooled_splits` with ``groups``) measures generalisation to unseen samples.
+The paper's pooled setting is the cell-level split (``group_by="none"``).
+
+Cross-data evaluation (:func:`cross_splits`) holds out one whole dataset at a time.
+All splits are deterministic for a given seed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+from scdrugmap.errors import UserError
+
+GROUP_BY_CHOICES = ("auto", "sample", "patient", "none")
+
+LEAK_NOTE = (
+    "cell-level split: cells of one sample can be in both train and test, "
+    "so scores can reflect sample identity (the paper's pooled setting)"
+)
+
+
+@dataclass(frozen=True, eq=False)
+class Split:
+    """One train/test partition: positional indices into the evaluated cells."""
+
+    name: str
+    train_idx: np.ndarray
+    test_idx: np.ndarray
+    note: str = ""
+
+
+def _class_label(c) -> str:
+    names = {0: "0 (sensitive)", 1: "1 (resistant)"}
+    try:
+        return names.get(int(c), str(c))
+    except (TypeError, ValueError):
+        return str(c)
+
+
+def _check_two_classes(y: np.ndarray) -> np.ndarray:
+    classes = np.unique(y)
+    if len(classes) < 2:
+        raise UserError(
+            f"all {len(y)} cells have response {_class_label(classes[0]) if len(classes) else 'none'}; "
+            "evaluation needs both sensitive and resistant cells - select more data"
+        )
+    return classes
+
+
+def _check_n_splits(n_splits: int) -> None:
+    if n_splits < 2:
+        raise UserError(f"number of folds is {n_splits}; use at least 2")
+
+
+def _groups_per_class(y: np.ndarray, groups: np.ndarray) -> dict:
+    """Class -> number of distinct groups among its cells."""
+    frame = pd.DataFrame({"y": y, "g": groups})
+    return frame.groupby("y")["g"].nunique().to_dict()
+
+
+def pooled_splits(y, groups=None, n_splits: int = 5, seed: int = 0) -> list[Split]:
+    """Stratified k-fold splits, grouped when ``groups`` is given.
+
+    With groups, every group lies entirely in train or in test
+    (``StratifiedGroupKFold``). The number of folds is lowered to what the data
+    allow -- the smallest number of groups (or cells) in one class -- so that every
+    test fold can contain both classes; the reduction is recorded in ``Split.note``.
+
+    ``StratifiedGroupKFold`` assigns groups greedily by class balance and uses
+    ``seed`` only to order groups of equal balance (scikit-learn >= 1.8), so
+    grouped folds change little, often not at all, between seeds.
+    """
+    y = np.asarray(y)
+    _check_n_splits(n_splits)
+    classes = _check_two_classes(y)
+    dummy = np.zeros((len(y), 1))
+    note = ""
+
+    if groups is None:
+        counts = {c: int((y == c).sum()) for c in classes}
+        smallest = min(counts, key=counts.get)
+        if counts[smallest] < 2:
+            raise UserError(
+                f"class {_class_label(smallest)} has only {counts[smallest]} cell; "
+                "cross-validation needs at least 2 cells per class - select more data"
+            )
+        k = min(n_splits, counts[smallest])
+        if k < n_splits:
+            note = (
+                f"{k} folds instead of {n_splits}: class {_class_label(smallest)} "
+                f"has only {counts[smallest]} cells"
+            )
+        folds = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(dummy, y)
+    else:
+        groups = np.asarray(groups)
+        if len(groups) != len(y):
+            raise ValueError(f"groups has {len(groups)} entries for {len(y)} labels")
+        if pd.isna(groups).any():
+            raise UserError(
+                f"{int(pd.isna(groups).sum())} cells have no group id; "
+                "fill in the sample/patient ids or use --group-by none"
+            )
+        groups = groups.astype(str)
+        per_class = _groups_per_class(y, groups)
+        smallest = min(per_class, key=per_class.get)
+        if per_class[smallest] < 2:
+            raise UserError(
+                f"class {_class_label(smallest)} comes from a single group, so grouped "
+                "cross-validation cannot both train and test on it; use --group-by none "
+                "(cell-level split) or add data"
+            )
+        k = min(n_splits, per_class[smallest])
+        if k < n_splits:
+            note = (
+                f"{k} folds instead of {n_splits}: class {_class_label(smallest)} "
+                f"has only {per_class[smallest]} groups"
+            )
+        cv = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+        folds = cv.split(dummy, y, groups)
+
+    splits = []
+    for i, (train_idx, test_idx) in enumerate(folds, start=1):
+        if len(test_idx) == 0:  # cannot happen with k <= groups per class; be safe
+            continue
+        splits.append(Split(f"fold{i}", train_idx, test_idx, note))
+    return splits
+
+
+def _known(values) -> bool:
+    """True when every cell has a non-null value."""
+    return values is not None and len(values) > 0 and not pd.isna(np.asarray(values)).any()
+
+
+def _check_grouping(name: str, y: np.ndarray, values) -> np.ndarray:
+    """Group ids for an explicit ``--group-by name``; UserError if unusable."""
+    if values is None:
+        raise UserError(f"--group-by {name}: no {name} ids are stored; use --group-by auto or none")
+    values = np.asarray(values)
+    if len(values) != len(y):
+        raise ValueError(f"{name} ids have {len(values)} entries for {len(y)} labels")
+    missing = int(pd.isna(values).sum())
+    if missing:
+        raise UserError(
+            f"--group-by {name}: {missing} of {len(y)} cells have no {name} id; "
+            "use --group-by auto or none"
+        )
+    groups = values.astype(str)
+    per_class = _groups_per_class(y, groups)
+    smallest = min(per_class, key=per_class.get)
+    if per_class[smallest] < 2:
+        raise UserError(
+            f"--group-by {name}: class {_class_label(smallest)} has only one {name}, "
+            "so grouped cross-validation is impossible; use --group-by auto or none"
+        )
+    return groups
+
+
+def resolve_group_by(group_by: str, y, samples=None, patients=None):
+    """Choose the grouping for pooled CV: ``(name or None, groups or None, note)``.
+
+    ``auto`` prefers patient (the unit of drug response), then sample, provided
+    every cell has an id and each class spans more than one group; otherwise it
+    falls back to a cell-level split and says that this can leak sample identity.
+    """
+    if group_by not in GROUP_BY_CHOICES:
+        raise UserError(f"unknown --group-by {group_by!r}; choose one of: {', '.join(GROUP_BY_CHOICES)}")
+    y = np.asarray(y)
+    _check_two_classes(y)
+
+    if group_by == "none":
+        return None, None, LEAK_NOTE
+    if group_by in ("patient", "sample"):
+        values = patients if group_by == "patient" else samples
+        groups = _check_grouping(group_by, y, values)
+        return group_by, groups, f"whole {group_by}s held out ({len(np.unique(groups))} {group_by}s)"
+
+    reasons = []
+    for name, values in (("patient", patients), ("sample", samples)):
+        if not _known(values):
+            reasons.append(f"{name} ids missing")
+            continue
+        groups = np.asarray(values).astype(str)
+        per_class = _groups_per_class(y, groups)
+        if min(per_class.values()) < 2:
+            reasons.append(f"a class has only one {name}")
+            continue
+        return name, groups, f"auto: whole {name}s held out ({len(np.unique(groups))} {name}s)"
+    return None, None, f"auto: {LEAK_NOTE} ({'; '.join(reasons)})"
+
+
+def cross_splits(datasets) -> list[Split]:
+    """Leave-one-dataset-out splits, named after the held-out dataset (sorted)."""
+    datasets = np.asarray(datasets)
+    if pd.isna(datasets).any():
+        raise UserError(f"{int(pd.isna(datasets).sum())} cells have no dataset id; re-import the data")
+    datasets = datasets.astype(str)
+    names = np.unique(datasets)
+    if len(names) < 2:
+        found = names[0] if len(names) else "none"
+        raise UserError(
+            f"cross-data evaluation needs at least 2 datasets, found 1 ({found}); "
+            "select more datasets or use pooled evaluation"
+        )
+    idx = np.arange(len(datasets))
+    return [
+        Split(str(name), idx[datasets != name], idx[datasets == name])
+        for name in names
+    ]
