@@ -23,8 +23,6 @@ from .heads import make_head
 from .splits import cross_splits, pooled_splits, resolve_group_by
 
 PROTOCOLS = ("pooled", "cross")
-LEAK_NOTE = ("cell-level random split (--group-by none): cells of one sample fall in both train and test, "
-             "which can leak sample identity and inflate scores")
 
 
 @dataclass
@@ -77,9 +75,8 @@ def run_probe(store: Store, backbone: str, head: str = "lr", protocol: str = "po
         group_name, groups, note = resolve_group_by(group_by, y, _ids(cells["sample"]), _ids(cells["patient"]))
         if note:
             notes.append(note)
-        if group_name is None:
-            notes.append(LEAK_NOTE)
         splits = pooled_splits(y, groups, n_splits=n_splits, seed=seed)
+        notes.extend(dict.fromkeys(s.note for s in splits if s.note))
         group_label = group_name or "none"
     else:
         splits = cross_splits(cells["dataset"].to_numpy())
