@@ -242,8 +242,10 @@ def query(store_path, sql, csv_path, parquet_path, max_rows):
 @click.option("--seed", default=0, show_default=True, help="Seed of splits and heads.")
 @click.option("--positive", default="resistant", show_default=True, type=click.Choice(["resistant", "sensitive"]),
               help="Positive class of F1, precision, recall.")
+@click.option("--jobs", default=1, show_default=True, type=click.IntRange(1),
+              help="Splits fitted in parallel processes (one thread each).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def probe(store_path, backbones, heads, protocols, group_by, where, seed, positive, quiet):
+def probe(store_path, backbones, heads, protocols, group_by, where, seed, positive, jobs, quiet):
     """Train heads on stored embeddings and score them (CPU only, no torch needed).
 
     Every run is stored (probe_runs, probe_results); the same seed gives the same results.
@@ -264,7 +266,7 @@ def probe(store_path, backbones, heads, protocols, group_by, where, seed, positi
         for head in heads:
             for protocol in protocols:
                 run = run_probe(store, backbone=backbone, head=head, protocol=protocol, group_by=group_by,
-                                where=where, seed=seed, positive=positive, show_progress=not quiet)
+                                where=where, seed=seed, positive=positive, n_jobs=jobs, show_progress=not quiet)
                 for note in run.notes:
                     click.echo(f"note: {note}", err=True)
                 summaries.append(run.summary_row())

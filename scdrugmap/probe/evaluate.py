@@ -100,6 +100,7 @@ def evaluate(
     head_params: Optional[dict] = None,
     progress: Optional[Callable[[dict], object]] = None,
     n_threads: int = 1,
+    n_jobs: int = 1,
 ) -> list[dict]:
     """Evaluate ``head`` on every split; one record per split, in split order.
 
@@ -109,17 +110,27 @@ def evaluate(
     (from the split), ``fit_seconds``, ``metrics`` (None when skipped) and
     ``warnings`` (distinct warning messages raised while fitting).
 
-    ``n_threads`` bounds the native thread pools (BLAS, OpenMP) and LightGBM's
-    threads during each fit; 1 is the robust default (see :mod:`.heads`).
+    ``n_threads`` caps each fit's threads (LightGBM, BLAS); more cores are used by
+    ``n_jobs`` worker processes, each fitting whole splits (joblib; large ``X`` is
+    memory-mapped, not copied). Results do not depend on ``n_jobs``.
     """
     X, y = _check_inputs(X, y)
     params = dict(head_params or {})
     if n_threads < 1:
-        raise UserError(f"number of threads is {n_threads}; use 1 or more")
+        raise UserError(f"n_threads must be at least 1, got {n_threads}")
+    if n_jobs < 1:
+        raise UserError(f"--jobs must be at least 1, got {n_jobs}")
     make_head(head, seed, n_threads, **params)  # fail on a bad head/parameter before any fitting
+    if n_jobs == 1:
+        outputs = (_one_split(X, y, split, head, seed, params, n_threads) for split in splits)
+    else:
+        from joblib import Parallel, delayed
+
+        outputs = Parallel(n_jobs=n_jobs, return_as="generator")(
+            delayed(_one_split)(X, y, split, head, seed, params, n_threads) for split in splits
+        )
     records = []
-    for split in splits:
-        record = _one_split(X, y, split, head, seed, params, n_threads)
+    for record in outputs:
         records.append(record)
         if progress is not None:
             progress(record)

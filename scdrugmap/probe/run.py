@@ -52,7 +52,7 @@ class ProbeRun:
 
 def run_probe(store: Store, backbone: str, head: str = "lr", protocol: str = "pooled", group_by: str = "auto",
               where: str | None = None, seed: int = 0, positive: str = "resistant", n_splits: int = 5,
-              head_params: dict | None = None, show_progress: bool = True) -> ProbeRun:
+              head_params: dict | None = None, n_jobs: int = 1, show_progress: bool = True) -> ProbeRun:
     """Evaluate ``head`` on ``backbone``'s embeddings of the cells selected by ``where``; stored."""
     if protocol not in PROTOCOLS:
         raise UserError(f"unknown protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}")
@@ -82,7 +82,8 @@ def run_probe(store: Store, backbone: str, head: str = "lr", protocol: str = "po
         splits = cross_splits(cells["dataset"].to_numpy())
         group_label = "dataset"
     with progress_bar(f"{backbone} · {head} · {protocol}", total=len(splits), enabled=show_progress) as advance:
-        records = evaluate(X, y, splits, head, seed=seed, head_params=head_params, progress=lambda record: advance(1))
+        records = evaluate(X, y, splits, head, seed=seed, head_params=head_params, n_jobs=n_jobs,
+                           progress=lambda record: advance(1))
     run = ProbeRun(uuid.uuid4().hex[:12], backbone, head, protocol, group_label, len(cells), datasets,
                    _results_frame(records), notes)
     _save(store, run, where, seed, positive, n_splits, head_params)

@@ -50,6 +50,14 @@ def test_same_seed_same_results(sim_store):
     pd.testing.assert_frame_equal(a[cols], b[cols])
 
 
+def test_parallel_splits_give_identical_results(sim_store):
+    store = Store.open(sim_store)
+    a = run_probe(store, "pca", head="lgbm", protocol="cross", seed=2, show_progress=False).results
+    b = run_probe(store, "pca", head="lgbm", protocol="cross", seed=2, n_jobs=2, show_progress=False).results
+    cols = ["split", "n_test", "f1", "auroc", "mcc"]
+    pd.testing.assert_frame_equal(a[cols], b[cols])
+
+
 def test_cross_protocol_holds_out_each_dataset(sim_store):
     store = Store.open(sim_store)
     run = run_probe(store, "pca", head="lr", protocol="cross", show_progress=False)
@@ -79,3 +87,42 @@ def test_leaderboard_ranks_latest_runs(sim_store):
     assert set(board["protocol"]) == {"cross"}
     with pytest.raises(UserError, match="unknown metric"):
         leaderboard(store, metric="f1; DROP TABLE cells")
+
+
+def test_one_class_held_out_dataset_is_reported_not_crashed(sim_store):
+    where = "NOT (dataset = 'SimData1' AND label = 'sensitive')"
+    run = run_probe(Store.open(sim_store), "pca", head="lr", protocol="cross", where=where, show_progress=False)
+    held = run.results.set_index("split").loc["SimData1"]
+    assert held["status"] == "one-class-test" and np.isnan(held["auroc"]) and held["n_test_positive"] == held["n_test"]
+    assert any("SimData1" in n and "one class" in n for n in run.notes)
+    assert (run.results.set_index("split").drop("SimData1")["status"] == "ok").all()
+
+
+def test_probe_needs_neither_torch_nor_source_files(tmp_path):
+    """A store whose .h5ad files are gone, probed in a process where torch cannot be imported."""
+    import subprocess
+    import sys
+
+    cohort = simulate_cohort(n_datasets=2, cells_per_dataset=200, n_genes=300, seed=4)
+    files = write_cohort(cohort, tmp_path / "data")
+    for (name, _, _), path in zip(cohort, files):
+        ingest(tmp_path / "st", IngestRequest(file=path, dataset=name, label_col="response"))
+    (tmp_path / "panel.txt").write_text("\n".join(cohort[0][1].var_names[:100]))
+    extract(Store.open(tmp_path / "st"), "hvg", options={"panel": str(tmp_path / "panel.txt")},
+            show_progress=False)
+    for path in files:
+        path.unlink()
+    code = ("import sys\n"
+            "class NoTorch:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] in ('torch', 'transformers', 'peft'):\n"
+            "            raise ImportError(f'{name} is not installed here')\n"
+            "sys.meta_path.insert(0, NoTorch())\n"
+            "from scdrugmap.cli import main\n"
+            "main(['probe', '--store', sys.argv[1], '--backbone', 'hvg', '--head', 'lr', '--protocol', 'cross',"
+            " '--quiet'], standalone_mode=False)\n")
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "st")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "cross" in result.stdout
+    runs = Store.open(tmp_path / "st").sql("SELECT count(*) n FROM probe_results")
+    assert runs["n"][0] == 2
