@@ -91,3 +91,16 @@ def test_demo_runs(cli, tmp_path):
     out = cli.ok("demo", "--out", tmp_path / "demo").output
     assert "Leaderboard by F1" in out and "5/5 leaderboard" in out
     assert len(Store.open(tmp_path / "demo" / "store").sql("SELECT * FROM probe_runs")) == 12
+
+
+def test_simulate_command_writes_ingestable_files(cli, tmp_path):
+    import pandas as pd
+
+    out = cli.ok("simulate", tmp_path / "sim", "--datasets", "2", "--cells", "100", "--genes", "1000").output
+    assert "wrote 2 datasets (200 cells)" in out
+    catalog = pd.read_csv(tmp_path / "sim" / "catalog.csv")
+    assert list(catalog["dataset"]) == ["SimData1", "SimData2"] and catalog["drug"].notna().all()
+    cli.ok("ingest", tmp_path / "sim" / "SimData1.h5ad", "--store", tmp_path / "st", "--dataset", "SimData1",
+           "--label-col", "response", "--sample-col", "sample_id")
+    out = cli.ok("simulate", tmp_path / "paper", "--paper", "--scale", "0.002", "--genes", "1000").output
+    assert "wrote 36 datasets" in out

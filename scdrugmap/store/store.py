@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -242,11 +243,19 @@ class Store:
         out_dtype = np.dtype(dtype) if dtype else np.result_type(*[np.dtype(prov.loc[d, "dtype"])
                                                                    for d in cells["dataset"].unique()] or [np.float32])
         X = np.empty((len(cells), dim), dtype=out_dtype)
-        start = 0
-        for dataset, group in cells.groupby("dataset", sort=False):
+        # cells are sorted by dataset: each dataset is one contiguous block of rows of X
+        names, starts = np.unique(cells["dataset"].to_numpy(), return_index=True)
+        bounds = dict(zip(names, zip(starts, list(starts[1:]) + [len(cells)])))
+        rows = cells["row"].to_numpy()
+
+        def read(dataset):
+            lo, hi = bounds[dataset]
             arr = arrays.open_array(self.embeddings_path, prov.loc[dataset, "array_path"])
-            X[start:start + len(group)] = arrays.read_rows(arr, group["row"].to_numpy())
-            start += len(group)
+            arrays.read_rows(arr, rows[lo:hi], out=X[lo:hi])
+
+        # datasets are read concurrently (decoding releases the GIL); each fills its own rows
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            list(pool.map(read, bounds))
         return X, cells.reset_index(drop=True)
 
     def to_anndata(self, backbone: str, where: str | None = None, datasets=None):
