@@ -101,23 +101,9 @@ def pooled_splits(y, groups=None, n_splits: int = 5, seed: int = 0) -> list[Spli
             )
         folds = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(dummy, y)
     else:
-        groups = np.asarray(groups)
-        if len(groups) != len(y):
-            raise ValueError(f"groups has {len(groups)} entries for {len(y)} labels")
-        if pd.isna(groups).any():
-            raise UserError(
-                f"{int(pd.isna(groups).sum())} cells have no group id; "
-                "fill in the sample/patient ids or use --group-by none"
-            )
-        groups = groups.astype(str)
+        groups = _check_grouping("group", y, groups)
         per_class = _groups_per_class(y, groups)
         smallest = min(per_class, key=per_class.get)
-        if per_class[smallest] < 2:
-            raise UserError(
-                f"class {_class_label(smallest)} comes from a single group, so grouped "
-                "cross-validation cannot both train and test on it; use --group-by none "
-                "(cell-level split) or add data"
-            )
         k = min(n_splits, per_class[smallest])
         if k < n_splits:
             note = (
@@ -141,7 +127,7 @@ def _known(values) -> bool:
 
 
 def _check_grouping(name: str, y: np.ndarray, values) -> np.ndarray:
-    """Group ids for an explicit ``--group-by name``; UserError if unusable."""
+    """Group ids (as strings) usable for grouped CV; UserError naming ``name`` if not."""
     if values is None:
         raise UserError(f"--group-by {name}: no {name} ids are stored; use --group-by auto or none")
     values = np.asarray(values)
@@ -150,16 +136,16 @@ def _check_grouping(name: str, y: np.ndarray, values) -> np.ndarray:
     missing = int(pd.isna(values).sum())
     if missing:
         raise UserError(
-            f"--group-by {name}: {missing} of {len(y)} cells have no {name} id; "
-            "use --group-by auto or none"
+            f"{missing} of {len(y)} cells have no {name} id; fill in the ids, "
+            "or use --group-by auto or --group-by none"
         )
     groups = values.astype(str)
     per_class = _groups_per_class(y, groups)
     smallest = min(per_class, key=per_class.get)
     if per_class[smallest] < 2:
         raise UserError(
-            f"--group-by {name}: class {_class_label(smallest)} has only one {name}, "
-            "so grouped cross-validation is impossible; use --group-by auto or none"
+            f"class {_class_label(smallest)} has only one {name}, so grouped cross-validation "
+            "is impossible; use --group-by none (a cell-level split), --group-by auto, or add data"
         )
     return groups
 
