@@ -95,8 +95,9 @@ def main():
 @click.option("--therapy")
 @click.option("--regimen")
 @click.option("--replace", is_flag=True, help="Re-ingest an existing dataset (drops its embeddings and results).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
 def ingest(file, store_path, dataset, label_col, sensitive, resistant, sample_col, patient_col, values, layer,
-           symbol_col, drug, cancer_type, tissue, therapy, regimen, replace):
+           symbol_col, drug, cancer_type, tissue, therapy, regimen, replace, quiet):
     """Validate FILE (.h5ad) and register its cells in the store (created if absent).
 
     \b
@@ -113,7 +114,7 @@ def ingest(file, store_path, dataset, label_col, sensitive, resistant, sample_co
                         symbol_col=symbol_col, replace=replace,
                         context={"drug": drug, "cancer_type": cancer_type, "tissue": tissue, "therapy": therapy,
                                  "regimen": regimen})
-    r = do_ingest(store_path, req)
+    r = do_ingest(store_path, req, show_progress=not quiet)
     verb = "replaced" if r.replaced else "ingested"
     click.echo(f"{verb} {r.dataset}: {r.n_cells:,} cells ({r.n_sensitive:,} sensitive, {r.n_resistant:,} resistant), "
                f"{r.n_genes:,} genes ({r.gene_id_type}), values: {r.value_kind}")

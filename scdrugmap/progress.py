@@ -8,8 +8,9 @@ import sys
 
 @contextlib.contextmanager
 def progress_bar(description: str, total: int, enabled: bool = True):
-    """Yield ``advance(n)``; shows a bar with rate and time left when ``enabled``."""
-    if not enabled:
+    """Yield ``advance(n)``; shows a bar with rate and time left when ``enabled`` and stderr is a
+    terminal (logs and pipes stay clean, so an error stays the only line a script sees)."""
+    if not (enabled and sys.stderr.isatty()):
         yield lambda n=1: None
         return
     from rich.console import Console

@@ -128,7 +128,7 @@ def _duck_type(series: pd.Series) -> str:
     return "VARCHAR"
 
 
-def validate(req: IngestRequest):
+def validate(req: IngestRequest, show_progress: bool = False):
     """All checks, no writes. Returns what :func:`ingest` registers."""
     if not DATASET_NAME_RE.match(req.dataset):
         raise UserError(f"dataset name {req.dataset!r} is invalid: use letters, digits, '.', '_' or '-'")
@@ -152,7 +152,7 @@ def validate(req: IngestRequest):
         samples = _obs_column(obs, req.sample_col, "--sample-col")
         patients = _obs_column(obs, req.patient_col, "--patient-col")
         genes = src.detect_gene_ids(adata.var_names, adata.var.columns, req.symbol_col)
-        value_kind = src.detect_value_kind(adata, req.layer, req.values)
+        value_kind = src.detect_value_kind(adata, req.layer, req.values, show_progress)
         n_genes = adata.n_vars
     finally:
         adata.file.close()
@@ -188,8 +188,8 @@ def validate(req: IngestRequest):
     return dataset_row, pd.concat([cells, extra], axis=1), warnings
 
 
-def ingest(store_path, req: IngestRequest) -> IngestReport:
-    dataset_row, cells, warnings = validate(req)
+def ingest(store_path, req: IngestRequest, show_progress: bool = False) -> IngestReport:
+    dataset_row, cells, warnings = validate(req, show_progress)
     store_path = Path(store_path)
     existed = store_path.exists() and (store_path / "index.duckdb").exists()
     store = Store.open(store_path) if existed else None

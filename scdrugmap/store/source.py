@@ -78,10 +78,18 @@ def rows_csr(X, lo: int, hi: int) -> sp.csr_matrix:
     return sp.csr_matrix(block)
 
 
-def detect_value_kind(adata, layer: str | None, declared: str | None) -> str:
+def detect_value_kind(adata, layer: str | None, declared: str | None, show_progress: bool = False) -> str:
     """'counts' when every value is a non-negative integer; otherwise the user must say what it is."""
+    from ..progress import progress_bar
+
+    with progress_bar("checking values", total=adata.n_obs, enabled=show_progress) as advance:
+        return _value_kind(adata, layer, declared, advance)
+
+
+def _value_kind(adata, layer, declared, advance) -> str:
     nonint = False
     for lo, hi, block in iter_row_chunks(adata, layer):
+        advance(hi - lo)
         data = block.data
         if data.size == 0:
             continue

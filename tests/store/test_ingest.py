@@ -80,10 +80,14 @@ def test_reingest_needs_replace_and_replace_drops_embeddings(cli, tmp_path):
     before = snapshot(store)
     cli.fails(*ingest_args(f, store), match="already in the store")
     assert snapshot(store) == before
+    cli.ok("probe", "--store", store, "--backbone", "hvg", "--group-by", "none", "--quiet")
+    assert len(Store.open(store).sql("SELECT * FROM probe_results")) == 5
     out = cli.ok(*ingest_args(f, store, "d1", "--replace")).output
     assert out.startswith("replaced d1")
     s = Store.open(store)
     assert s.provenance().empty and len(s.sql("SELECT * FROM cells")) == 40
+    assert s.sql("SELECT count(*) n FROM probe_runs")["n"][0] == 0
+    assert s.sql("SELECT count(*) n FROM probe_results")["n"][0] == 0
     assert not any((store / "embeddings.zarr" / "hvg").rglob("zarr.json"))
 
 
