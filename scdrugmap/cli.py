@@ -9,6 +9,7 @@ import click
 
 from . import __version__
 from .errors import UserError
+from .store.arrays import DEFAULT_CHUNK_ROWS
 
 STORE_HELP = "Store directory (or set SCDRUGMAP_STORE)."
 
@@ -143,7 +144,7 @@ def _parse_options(pairs) -> dict:
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
               help="Storage dtype of the embeddings.")
 @click.option("--option", "options", multiple=True, metavar="NAME=VALUE", help="Backbone option (repeatable).")
-@click.option("--chunk-rows", type=click.IntRange(1), default=4096, show_default=True,
+@click.option("--chunk-rows", type=click.IntRange(1), default=DEFAULT_CHUNK_ROWS, show_default=True,
               help="Rows per Zarr chunk (the resume unit).")
 @click.option("--force", is_flag=True, help="Re-extract datasets that already have embeddings.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")

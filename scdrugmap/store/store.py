@@ -240,8 +240,8 @@ class Store:
             raise UserError(f"backbone {backbone!r} embeddings of the selected datasets lie in different feature "
                             f"spaces {sorted(map(str, spaces))}: re-extract them together with --force")
         dim = dims.pop() if dims else 0
-        out_dtype = np.dtype(dtype) if dtype else np.result_type(*[np.dtype(prov.loc[d, "dtype"])
-                                                                   for d in cells["dataset"].unique()] or [np.float32])
+        stored = [np.dtype(prov.loc[d, "dtype"]) for d in cells["dataset"].unique()]
+        out_dtype = np.dtype(dtype) if dtype else np.result_type(*stored)
         X = np.empty((len(cells), dim), dtype=out_dtype)
         # cells are sorted by dataset: each dataset is one contiguous block of rows of X
         names, starts = np.unique(cells["dataset"].to_numpy(), return_index=True)
