@@ -56,7 +56,8 @@ def run_probe(store: Store, backbone: str, head: str = "lr", protocol: str = "po
     """Evaluate ``head`` on ``backbone``'s embeddings of the cells selected by ``where``; stored."""
     if protocol not in PROTOCOLS:
         raise UserError(f"unknown protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}")
-    make_head(head, seed=seed, **(head_params or {}))   # unknown head / params fail before any work
+    estimator = make_head(head, seed=seed, **(head_params or {}))   # unknown head / params fail here
+    resolved = _resolved_params(estimator)
     X, cells = store.load(backbone, where=where, dtype=np.float32)
     y = (cells["label"].to_numpy() == positive).astype(np.int64)
     datasets = sorted(cells["dataset"].unique())
@@ -86,8 +87,17 @@ def run_probe(store: Store, backbone: str, head: str = "lr", protocol: str = "po
                            progress=lambda record: advance(1))
     run = ProbeRun(uuid.uuid4().hex[:12], backbone, head, protocol, group_label, len(cells), datasets,
                    _results_frame(records), notes)
-    _save(store, run, where, seed, positive, n_splits, head_params)
+    _save(store, run, where, seed, positive, n_splits, resolved)
     return run
+
+
+def _resolved_params(estimator) -> dict:
+    """Every parameter of the head as fitted (defaults included), for the probe_runs record."""
+    final = estimator.steps[-1][1] if hasattr(estimator, "steps") else estimator
+    params = {"estimator": type(final).__name__, **final.get_params(deep=False)}
+    if hasattr(estimator, "steps"):
+        params["preprocessing"] = [name for name, _ in estimator.steps[:-1]]
+    return json.loads(json.dumps(params, default=str))
 
 
 def _results_frame(records: list[dict]) -> pd.DataFrame:
@@ -105,9 +115,8 @@ def _ids(series: pd.Series):
     return None if series.isna().all() else series.to_numpy()
 
 
-def _save(store: Store, run: ProbeRun, where, seed, positive, n_splits, head_params) -> None:
-    params = {"head_params": head_params or {}, "n_splits": n_splits,
-              "heads": "see scdrugmap.probe.heads for defaults"}
+def _save(store: Store, run: ProbeRun, where, seed, positive, n_splits, head_params: dict) -> None:
+    params = {"head": head_params, "n_splits": n_splits}
     results = run.results.copy()
     results.insert(0, "run_id", run.run_id)
     columns = ["run_id", "split", "status", "reason", "n_train", "n_test", "n_test_positive", *METRIC_COLUMNS,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -36,6 +38,9 @@ def test_pooled_grouped_run_is_stored(sim_store):
     assert run.group_by == "sample" and len(run.results) >= 2
     stored = store.sql(f"SELECT * FROM probe_runs WHERE run_id = '{run.run_id}'").iloc[0]
     assert stored["seed"] == 3 and stored["protocol"] == "pooled" and stored["method"] == "frozen"
+    head = json.loads(stored["params"])["head"]
+    assert head["estimator"] == "LogisticRegression" and head["class_weight"] == "balanced"
+    assert head["random_state"] == 3 and head["preprocessing"] == ["scale"]
     assert sorted(stored["datasets"]) == ["SimData1", "SimData2", "SimData3"]
     results = store.sql(f"SELECT * FROM probe_results WHERE run_id = '{run.run_id}' ORDER BY split")
     assert len(results) == len(run.results) and results["f1"].between(0, 1).all()
