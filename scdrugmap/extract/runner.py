@@ -40,8 +40,8 @@ class DatasetSource:
             self._adata = src.open_h5ad(self.path)
         return self._adata
 
-    def symbols(self) -> np.ndarray:
-        return src.gene_symbols(self.adata, self.row)
+    def symbols(self, upper: bool = True) -> np.ndarray:
+        return src.gene_symbols(self.adata, self.row, upper=upper)
 
     def ensembl_ids(self) -> np.ndarray | None:
         col = self.row.get("ensembl_col")

@@ -133,5 +133,8 @@ def read_rows(array, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndar
         lo, hi = int(run[0]) * chunk, min((int(run[-1]) + 1) * chunk, array.shape[0])
         a, b = np.searchsorted(rows, [lo, hi])
         block = array[lo:hi]
-        np.take(block, rows[a:b] - lo, axis=0, out=out[a:b])
+        if block.dtype == out.dtype:
+            np.take(block, rows[a:b] - lo, axis=0, out=out[a:b])
+        else:                                   # e.g. float16 stored, float32 asked for
+            out[a:b] = np.take(block, rows[a:b] - lo, axis=0)
     return out

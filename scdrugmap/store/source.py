@@ -135,8 +135,8 @@ def detect_gene_ids(var_names, var_columns, symbol_col: str | None = None) -> Ge
     return GeneIds("symbol", symbol_col, next((c for c in ENSEMBL_COLUMNS if c in cols), None))
 
 
-def gene_symbols(adata, row) -> np.ndarray:
-    """Gene symbols of a source file in var order (upper-case), as recorded at ingest."""
+def gene_symbols(adata, row, upper: bool = True) -> np.ndarray:
+    """Gene symbols of a source file in var order (upper-cased unless ``upper=False``)."""
     if row["symbol_col"]:
         symbols = adata.var[row["symbol_col"]].astype(str).to_numpy()
     elif row["gene_id_type"] == "symbol":
@@ -144,7 +144,8 @@ def gene_symbols(adata, row) -> np.ndarray:
     else:
         raise UserError(f"dataset {row['dataset']!r} has Ensembl IDs and no gene-symbol column: "
                         "re-ingest with --symbol-col naming the var column that holds symbols")
-    return np.char.upper(symbols.astype(str))
+    symbols = symbols.astype(str)
+    return np.char.upper(symbols) if upper else symbols
 
 
 def verify_source(row) -> Path:

@@ -119,6 +119,9 @@ def test_read_rows_touches_only_needed_chunks(tmp_path):
     np.testing.assert_array_equal(arrays.read_rows(arr, rows), data[rows])
     np.testing.assert_array_equal(arrays.read_rows(arr, np.arange(1000)), data)
     assert arrays.read_rows(arr, np.array([], dtype=int)).shape == (0, 4)
+    out = np.zeros((2, 4), dtype=np.float64)                  # another dtype than stored
+    arrays.read_rows(arr, np.array([10, 500]), out=out)
+    np.testing.assert_array_equal(out, data[[10, 500]])
 
 
 def _slow_env(tmp_path, seconds):

@@ -1,0 +1,244 @@
+"""The torch extraction engine shared by every neural backbone.
+
+A :class:`TorchBackbone` says how to turn one cell into token ids and how to pool a
+padded batch into cell embeddings; the engine does the rest, the same way for every model:
+
+* length-aware batching: the cells of a store chunk are sorted by token count and cut into
+  batches, so padding stays small (the padding fraction is measured in the benchmark);
+* tokenisation in ``DataLoader`` workers (``--option workers=N``), pinned memory and
+  non-blocking copies on CUDA;
+* ``torch.inference_mode``, bf16 autocast on CUDA (``--option precision=fp32|bf16|fp16``),
+  PyTorch SDPA attention where the architecture has it;
+* rows come back in the store's order, whatever the batch order was; a cell's embedding does
+  not depend on the batch it is in (tested).
+
+torch is imported inside functions: the registry must load on the core install.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from pathlib import Path
+import numpy as np
+import scipy.sparse as sp
+
+from ..errors import UserError
+from .registry import Backbone, Option
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def sha256_files(paths) -> str:
+    """One digest over the given files' bytes (in order): the checkpoint's identity in provenance."""
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def resolve_model_dir(spec) -> Path:
+    """A local checkpoint directory, or a Hugging Face hub id resolved through the HF cache."""
+    path = Path(spec)
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"--model-dir {path} is a file: point it at the checkpoint's directory")
+        return path
+    text = str(spec)
+    if text.count("/") != 1 or text.startswith((".", "/")):
+        raise UserError(f"--model-dir {text} does not exist (give a checkpoint directory or a hub id 'org/name')")
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+    except ImportError:
+        raise UserError(f"--model-dir {text} is not a directory and huggingface_hub is not installed") from None
+    try:
+        return Path(snapshot_download(repo_id=text))
+    except LocalEntryNotFoundError:
+        raise UserError(f"hub model {text!r} is not in the Hugging Face cache and the hub cannot be reached: "
+                        "download it on a connected machine, or pass a local --model-dir") from None
+    except RepositoryNotFoundError:
+        raise UserError(f"hub model {text!r} does not exist (or needs a login): check the id") from None
+    except Exception as e:  # network errors come in many types
+        raise UserError(f"cannot fetch hub model {text!r}: {type(e).__name__}: {str(e).splitlines()[0][:200]}; "
+                        "pass a local --model-dir") from None
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """No progress bars or load chatter from transformers: our own output stays readable and a
+    user error stays one line."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    level = hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def weights_file(model_dir: Path) -> Path:
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (model_dir / name).is_file():
+            return model_dir / name
+    raise UserError(f"{model_dir} has no model.safetensors or pytorch_model.bin: "
+                    "point --model-dir at the checkpoint directory")
+
+
+class TorchBackbone(Backbone):
+    """Base of the neural backbones: subclasses set up ``self.model`` and the two hooks below."""
+
+    requires = ("torch", "transformers")
+    extra = "extract"
+    needs_weights = True
+    default_batch_size = 32
+    options = {
+        "precision": Option("auto", "auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16"),
+        "workers": Option(0, "DataLoader workers that tokenise cells", int),
+    }
+
+    pad_id: int = 0
+
+    # -- hooks ---------------------------------------------------------------------------
+    def cell_tokenizer(self, source) -> "CellTokenizer":
+        """For one dataset: what turns a row of a CSR block of counts into token ids."""
+        raise NotImplementedError
+
+    def pool(self, input_ids, attention_mask):
+        """A padded batch (right padding) -> ``(batch, dim)`` cell embeddings (a torch tensor)."""
+        raise NotImplementedError
+
+    # -- engine --------------------------------------------------------------------------
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        if self.device not in ("cpu", "cuda") and not str(self.device).startswith("cuda:"):
+            raise UserError(f"--device {self.device!r}: use cpu or cuda")
+        if str(self.device).startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise UserError("--device cuda, but torch sees no CUDA device: install the CUDA build of torch "
+                                "or use --device cpu")
+        if self.config["precision"] not in PRECISIONS:
+            raise UserError(f"--option precision must be one of {', '.join(PRECISIONS)}")
+        self.batch_size = self.batch_size or self.default_batch_size
+
+    @property
+    def precision(self) -> str:
+        p = self.config["precision"]
+        return ("bf16" if self.on_cuda else "fp32") if p == "auto" else p
+
+    @property
+    def on_cuda(self) -> bool:
+        return str(self.device).startswith("cuda")
+
+    def autocast(self):
+        import contextlib
+
+        import torch
+
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(device_type="cuda" if self.on_cuda else "cpu", dtype=dtype)
+
+    def encoder(self, source):
+        tokenizer = self.cell_tokenizer(source)
+
+        def encode(block: sp.csr_matrix) -> np.ndarray:
+            return self.embed_block(block, tokenizer)
+
+        return encode
+
+    def embed_block(self, block: sp.csr_matrix, tokenizer: "CellTokenizer") -> np.ndarray:
+        import torch
+        from torch.utils.data import DataLoader
+
+        cells = _CellTokens(block, tokenizer)
+        lengths = cells.lengths()
+        batches = length_sorted_batches(lengths, self.batch_size)
+        loader = DataLoader(cells, batch_sampler=batches, collate_fn=_Pad(self.pad_id),
+                            num_workers=self.config["workers"], pin_memory=self.on_cuda)
+        out = np.empty((block.shape[0], self.dim), dtype=np.float32)
+        self.padding_stats = [0, 0]   # padded tokens, total tokens (for the benchmark)
+        with torch.inference_mode(), self.autocast():
+            for index, ids, mask in loader:
+                ids = ids.to(self.device, non_blocking=True)
+                mask = mask.to(self.device, non_blocking=True)
+                emb = self.pool(ids, mask)
+                out[index.numpy()] = emb.float().cpu().numpy()
+                self.padding_stats[0] += int(mask.numel() - mask.sum())
+                self.padding_stats[1] += int(mask.numel())
+        return out
+
+    def params(self) -> dict:
+        return {**super().params(), "precision": self.precision, "batch_size": self.batch_size,
+                "batching": "length-sorted within each store chunk, right padding"}
+
+
+def length_sorted_batches(lengths: np.ndarray, batch_size: int) -> list[list[int]]:
+    """Batches of cells of similar token count (longest first), so little of a batch is padding."""
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    return [order[i:i + batch_size].tolist() for i in range(0, len(order), batch_size)]
+
+
+class CellTokenizer:
+    """One dataset's tokenisation of a CSR block of counts (cells x source genes).
+
+    ``prepare`` runs once per block (vectorised work: normalisation, gene mapping);
+    ``lengths`` gives every cell's token count without tokenising, so batches can be formed
+    first; ``tokens`` runs per cell, in the DataLoader workers.
+    """
+
+    def prepare(self, block: sp.csr_matrix):
+        return sp.csr_matrix(block)
+
+    def tokens(self, prepared, i: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def lengths(self, prepared) -> np.ndarray:
+        return np.array([len(self.tokens(prepared, i)) for i in range(prepared.shape[0])])
+
+
+class _CellTokens:
+    """A map-style dataset over the rows of one block: item ``i`` is ``(i, token ids)``."""
+
+    def __init__(self, block: sp.csr_matrix, tokenizer: CellTokenizer):
+        self.prepared = tokenizer.prepare(block)
+        self.n = block.shape[0]
+        self.tokenizer = tokenizer
+
+    def __len__(self) -> int:
+        return self.n
+
+    def lengths(self) -> np.ndarray:
+        return np.asarray(self.tokenizer.lengths(self.prepared))
+
+    def __getitem__(self, i: int):
+        return i, np.asarray(self.tokenizer.tokens(self.prepared, i), dtype=np.int64)
+
+
+class _Pad:
+    """Collate ``(index, ids)`` items into right-padded ``input_ids`` and ``attention_mask``."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, items):
+        import torch
+
+        index = torch.tensor([i for i, _ in items])
+        width = max(max(len(ids) for _, ids in items), 1)
+        ids = torch.full((len(items), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(items), width), dtype=torch.long)
+        for row, (_, tokens) in enumerate(items):
+            ids[row, :len(tokens)] = torch.from_numpy(tokens)
+            mask[row, :len(tokens)] = 1
+        return index, ids, mask
