@@ -84,6 +84,23 @@ def quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
+def load_strict(model_cls, model_dir: Path, what: str):
+    """``model_cls.from_pretrained`` that refuses a checkpoint with missing or mis-sized weights
+    (transformers would otherwise initialise them randomly and carry on)."""
+    try:
+        with quiet_transformers():
+            model, info = model_cls.from_pretrained(model_dir, attn_implementation="sdpa", output_loading_info=True)
+    except Exception as e:
+        raise UserError(f"cannot load the {what} checkpoint in {model_dir}: "
+                        f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    missing = [k for k in info["missing_keys"] if "position_ids" not in k]
+    bad = missing + [str(m[0]) for m in info["mismatched_keys"]]
+    if bad:
+        raise UserError(f"the checkpoint in {model_dir} lacks or mis-sizes {len(bad)} weights "
+                        f"(e.g. {', '.join(bad[:3])}): is it a {what} checkpoint ({model_cls.__name__})?")
+    return model
+
+
 def weights_file(model_dir: Path) -> Path:
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (model_dir / name).is_file():

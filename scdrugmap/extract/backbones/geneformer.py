@@ -27,8 +27,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ...errors import UserError
-from ..engine import (CellTokenizer, TorchBackbone, quiet_transformers, resolve_model_dir, sha256_files,
-                      weights_file)
+from ..engine import CellTokenizer, TorchBackbone, load_strict, resolve_model_dir, sha256_files, weights_file
 from ..registry import Option, register
 
 MIN_MATCHED = 0.05   # refuse a dataset when fewer than 5% of its genes are in the vocabulary
@@ -137,19 +136,7 @@ class Geneformer(TorchBackbone):
     def _load(self, cfg):
         from transformers import BertForMaskedLM
 
-        try:
-            with quiet_transformers():
-                model, info = BertForMaskedLM.from_pretrained(self.model_dir, attn_implementation="sdpa",
-                                                              output_loading_info=True)
-        except Exception as e:
-            raise UserError(f"cannot load the Geneformer checkpoint in {self.model_dir}: "
-                            f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
-        missing = [k for k in info["missing_keys"] if "position_ids" not in k]
-        if missing or info["mismatched_keys"]:
-            bad = missing + [str(m[0]) for m in info["mismatched_keys"]]
-            raise UserError(f"the checkpoint in {self.model_dir} lacks or mis-sizes {len(bad)} weights "
-                            f"(e.g. {', '.join(bad[:3])}): is it a Geneformer BertForMaskedLM checkpoint?")
-        return model.bert.to(self.device).eval()
+        return load_strict(BertForMaskedLM, self.model_dir, "Geneformer").bert.to(self.device).eval()
 
     @property
     def dim(self) -> int:
