@@ -84,12 +84,13 @@ def quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
-def load_strict(model_cls, model_dir: Path, what: str):
+def load_strict(model_cls, model_dir: Path, what: str, **kwargs):
     """``model_cls.from_pretrained`` that refuses a checkpoint with missing or mis-sized weights
     (transformers would otherwise initialise them randomly and carry on)."""
     try:
         with quiet_transformers():
-            model, info = model_cls.from_pretrained(model_dir, attn_implementation="sdpa", output_loading_info=True)
+            model, info = model_cls.from_pretrained(model_dir, attn_implementation="sdpa", output_loading_info=True,
+                                                    **kwargs)
     except Exception as e:
         raise UserError(f"cannot load the {what} checkpoint in {model_dir}: "
                         f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
