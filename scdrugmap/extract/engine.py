@@ -201,6 +201,20 @@ class TorchBackbone(Backbone):
                 "batching": "length-sorted within each store chunk, right padding"}
 
 
+def masked_mean(hidden, mask):
+    """Mean of ``hidden`` (batch, tokens, dim) over the tokens where ``mask`` is 1."""
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+
+
+def without_ends(attention_mask):
+    """The mask less each sequence's first and last attended token (start/end special tokens)."""
+    mask = attention_mask.clone()
+    mask[:, 0] = 0
+    mask[range(len(mask)), attention_mask.sum(1) - 1] = 0
+    return mask
+
+
 def length_sorted_batches(lengths: np.ndarray, batch_size: int) -> list[list[int]]:
     """Batches of cells of similar token count (longest first), so little of a batch is padding."""
     order = np.argsort(-np.asarray(lengths), kind="stable")

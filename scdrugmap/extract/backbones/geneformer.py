@@ -27,7 +27,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from ...errors import UserError
-from ..engine import CellTokenizer, TorchBackbone, load_strict, resolve_model_dir, sha256_files, weights_file
+from ..engine import (CellTokenizer, TorchBackbone, load_strict, masked_mean, resolve_model_dir, sha256_files,
+                      weights_file, without_ends)
 from ..registry import Option, register
 
 MIN_MATCHED = 0.05   # refuse a dataset when fewer than 5% of its genes are in the vocabulary
@@ -191,13 +192,8 @@ class Geneformer(TorchBackbone):
     def pool(self, input_ids, attention_mask):
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
         hidden = out.hidden_states[self.n_layers + self.config["layer"]]
-        mask = attention_mask.clone()
-        if self.v2:                                   # gene tokens only: drop <cls> and <eos>
-            mask[:, 0] = 0
-            last = attention_mask.sum(1) - 1
-            mask[range(len(mask)), last] = 0
-        mask = mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+        # V2: gene tokens only (drop <cls> and <eos>), as the official mean_nonpadding_embs
+        return masked_mean(hidden, without_ends(attention_mask) if self.v2 else attention_mask)
 
     def dataset_params(self, source) -> dict:
         _, kept, matched = self.matching(source)

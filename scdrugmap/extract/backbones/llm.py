@@ -16,7 +16,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ...errors import UserError
-from ..engine import CellTokenizer, TorchBackbone, load_strict, resolve_model_dir, sha256_files, weights_file
+from ..engine import CellTokenizer, TorchBackbone, load_strict, masked_mean, resolve_model_dir, sha256_files, weights_file
 from ..registry import Option, register
 
 
@@ -100,8 +100,7 @@ class GeneSentenceLLM(TorchBackbone):
 
     def pool(self, input_ids, attention_mask):
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return masked_mean(hidden, attention_mask)
 
     def params(self) -> dict:
         return {**super().params(), "model_type": self.model_type, "top_k": self.config["top_k"],

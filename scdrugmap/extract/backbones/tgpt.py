@@ -24,7 +24,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from ...errors import UserError
-from ..engine import CellTokenizer, TorchBackbone, load_strict, resolve_model_dir, sha256_files, weights_file
+from ..engine import (CellTokenizer, TorchBackbone, load_strict, masked_mean, resolve_model_dir, sha256_files,
+                      weights_file, without_ends)
 from ..registry import Option, register
 
 TOKENIZER_FILES = ("tokenizer.json",)
@@ -111,11 +112,7 @@ class TGPT(TorchBackbone):
 
     def pool(self, input_ids, attention_mask):
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.clone()
-        mask[:, 0] = 0                                        # </b>
-        mask[range(len(mask)), attention_mask.sum(1) - 1] = 0  # </s>
-        mask = mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return masked_mean(hidden, without_ends(attention_mask))   # gene tokens: not </b>, </s>
 
     def dataset_params(self, source) -> dict:
         return {"genes_in_vocabulary": int(len(self.matching(source)[0]))}
