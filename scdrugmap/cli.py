@@ -68,7 +68,7 @@ def main():
     cohort you can write as SQL, on any machine, without a GPU.
 
     \b
-    Typical session:
+    Typical use:
       scdrugmap ingest pc9.h5ad --store st --dataset pc9 --label-col response
       scdrugmap extract --store st --backbone pca
       scdrugmap probe --store st --backbone pca --head lr --protocol pooled
