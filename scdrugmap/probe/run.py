@@ -100,6 +100,10 @@ def _resolved_params(estimator) -> dict:
     return json.loads(json.dumps(params, default=str))
 
 
+RESULT_COLUMNS = ["split", "status", "reason", "n_train", "n_test", "n_test_positive", *METRIC_COLUMNS,
+                  "fit_seconds"]
+
+
 def _results_frame(records: list[dict]) -> pd.DataFrame:
     """One row per split: its status and counts beside the flattened metrics."""
     rows = []
@@ -108,7 +112,7 @@ def _results_frame(records: list[dict]) -> pd.DataFrame:
         rows.append({"split": r["split"], "status": r["status"], "reason": r.get("reason") or None,
                      "n_train": r["n_train"], "n_test": r["n_test"], "n_test_positive": r["n_test_pos"],
                      **{m: metrics.get(m, np.nan) for m in METRIC_COLUMNS}, "fit_seconds": r["fit_seconds"]})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=RESULT_COLUMNS)
 
 
 def _ids(series: pd.Series):
@@ -117,13 +121,9 @@ def _ids(series: pd.Series):
 
 def _save(store: Store, run: ProbeRun, where, seed, positive, n_splits, head_params: dict) -> None:
     params = {"head": head_params, "n_splits": n_splits}
-    results = run.results.copy()
+    results = run.results[RESULT_COLUMNS].copy()
     results.insert(0, "run_id", run.run_id)
-    columns = ["run_id", "split", "status", "reason", "n_train", "n_test", "n_test_positive", *METRIC_COLUMNS,
-               "fit_seconds"]
-    for col in columns:
-        if col not in results:
-            results[col] = None
+    columns = list(results.columns)
     with store.transaction() as con:
         con.execute("INSERT INTO probe_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [run.run_id, now(), run.backbone, run.head, run.method, run.protocol, run.group_by, where, seed,

@@ -243,9 +243,10 @@ class Store:
         stored = [np.dtype(prov.loc[d, "dtype"]) for d in cells["dataset"].unique()]
         out_dtype = np.dtype(dtype) if dtype else np.result_type(*stored)
         X = np.empty((len(cells), dim), dtype=out_dtype)
-        # cells are sorted by dataset: each dataset is one contiguous block of rows of X
-        names, starts = np.unique(cells["dataset"].to_numpy(), return_index=True)
-        bounds = dict(zip(names, zip(starts, list(starts[1:]) + [len(cells)])))
+        # cells come ordered by dataset: each dataset is one contiguous block of rows of X
+        names = cells["dataset"].to_numpy()
+        starts = np.r_[0, np.flatnonzero(names[1:] != names[:-1]) + 1]
+        bounds = {names[lo]: (lo, hi) for lo, hi in zip(starts, np.r_[starts[1:], len(names)])}
         rows = cells["row"].to_numpy()
 
         def read(dataset):
