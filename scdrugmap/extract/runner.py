@@ -4,6 +4,8 @@ For each dataset the runner re-reads the verified source file in row chunks alig
 the store's Zarr chunks, asks the backbone's encoder for embeddings, and writes each chunk
 through :class:`~scdrugmap.store.arrays.StagedArray`. Only a fully written dataset is
 committed to the index, with its provenance, in one transaction.
+
+Under ``torchrun`` the processes share every dataset's chunks (see :mod:`.world`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from ..store import arrays
 from ..store import source as src
 from ..store.store import Store, now
 from . import registry
+from .world import World
 
 
 class DatasetSource:
@@ -65,10 +68,13 @@ class DatasetSource:
 @dataclass
 class ExtractReport:
     dataset: str
-    status: str          # extracted | skipped
+    status: str          # extracted | skipped | shard (a share computed by a rank other than 0)
     n_cells: int = 0
     dim: int = 0
     resumed_chunks: int = 0
+    computed_chunks: int = 0
+    rank: int = 0
+    world_size: int = 1
 
 
 def _sources(store: Store, names: list[str]) -> list[DatasetSource]:
@@ -95,9 +101,10 @@ def extract(store: Store, backbone: str, datasets=None, model_dir=None, device: 
     if not ok:
         raise UserError(f"backbone {backbone!r} cannot run here: {why}")
     names = store.require_datasets(datasets)
+    world = World.from_env()
     done = set(store.provenance(backbone)["dataset"])
     todo = [n for n in names if force or n not in done]
-    reports = [ExtractReport(n, "skipped") for n in names if n not in todo]
+    reports = [ExtractReport(n, "skipped", rank=world.rank, world_size=world.size) for n in names if n not in todo]
     if not todo:
         return reports
     sources = _sources(store, todo)
@@ -106,39 +113,55 @@ def extract(store: Store, backbone: str, datasets=None, model_dir=None, device: 
         if refused:
             raise UserError(f"backbone {backbone!r} needs raw counts, but dataset(s) {', '.join(refused)} were "
                             "ingested as normalized/log1p values: re-ingest raw counts (--replace)")
-    model = cls(model_dir=model_dir, device=device, batch_size=batch_size, options=options)
-    try:
-        # Encoders first: they check every dataset (gene overlap, ...) before anything is written.
-        encoders = {source.name: model.encoder(source) for source in sources}
-        model.prepare(store, sources)
-        for source in sources:
-            reports.append(_extract_one(store, model, source, encoders[source.name], dtype, chunk_rows,
-                                        show_progress))
-    finally:
-        for source in sources:
-            source.close()
+    with world.joined():
+        model = cls(model_dir=model_dir, device=world.device(device), batch_size=batch_size, options=options)
+        try:
+            # Encoders first: they check every dataset (gene overlap, ...) before anything is written.
+            encoders = {source.name: model.encoder(source) for source in sources}
+            # Rank 0 does (and saves) the whole-cohort work; the others then find it done.
+            for turn in (True, False):
+                if world.main == turn:
+                    model.prepare(store, sources)
+                world.barrier()
+            for source in sources:
+                reports.append(_extract_one(store, model, source, encoders[source.name], dtype, chunk_rows,
+                                            show_progress and world.main, world))
+        finally:
+            for source in sources:
+                source.close()
     order = {n: i for i, n in enumerate(names)}
     return sorted(reports, key=lambda r: order[r.dataset])
 
 
 def _extract_one(store: Store, model: registry.Backbone, source: DatasetSource, encode, dtype: str,
-                 chunk_rows: int, show_progress: bool) -> ExtractReport:
+                 chunk_rows: int, show_progress: bool, world: World = World()) -> ExtractReport:
     params = {**model.params(), **model.dataset_params(source)}
     job = {"params": params, "source_sha256": source.row["source_sha256"],
            "checkpoint_sha256": model.checkpoint_sha256()}
-    staged = arrays.StagedArray(store.embeddings_path, model.name, source.name, source.n_cells, model.dim,
-                                dtype, chunk_rows, job)
+
+    def staging():
+        return arrays.StagedArray(store.embeddings_path, model.name, source.name, source.n_cells, model.dim,
+                                  dtype, chunk_rows, job)
+
+    # Rank 0 creates (or resumes) the staging array before the others open it.
+    staged = staging() if world.main else None
+    world.barrier()
+    staged = staged or staging()
     already = staged.done_chunks()
-    with progress_bar(f"{model.name} · {source.name}", total=source.n_cells, enabled=show_progress) as advance:
-        for i in range(staged.n_chunks):
+    mine = [i for i in world.share(staged.n_chunks) if i not in already]
+    total = sum(min(chunk_rows, source.n_cells - i * chunk_rows) for i in world.share(staged.n_chunks))
+    with progress_bar(f"{model.name} · {source.name}", total=total, enabled=show_progress) as advance:
+        for i in world.share(staged.n_chunks):
             lo, hi = staged.chunk_bounds(i)
-            if i in already:
-                advance(hi - lo)
-                continue
-            block = source.rows(lo, hi)
-            values = np.asarray(encode(block), dtype=np.float32)
-            staged.write_chunk(i, values)
+            if i in mine:
+                block = source.rows(lo, hi)
+                values = np.asarray(encode(block), dtype=np.float32)
+                staged.write_chunk(i, values)
             advance(hi - lo)
+    world.barrier()              # every share is written
+    if not world.main:
+        return ExtractReport(source.name, "shard", source.n_cells, model.dim, len(already), len(mine),
+                             world.rank, world.size)
     rel = staged.finish()
     try:
         with store.transaction() as con:
@@ -156,5 +179,6 @@ def _extract_one(store: Store, model: registry.Backbone, source: DatasetSource, 
     if old:
         shutil.rmtree(store.embeddings_path / old[0], ignore_errors=True)
     staged.discard()
-    return ExtractReport(source.name, "extracted", source.n_cells, model.dim, len(already))
+    return ExtractReport(source.name, "extracted", source.n_cells, model.dim, len(already), len(mine),
+                         world.rank, world.size)
 

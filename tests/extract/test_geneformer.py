@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import pickle
 import shutil
 
 import anndata as ad
@@ -12,7 +11,8 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from conftest import SHARED, snapshot
+from checkpoints import save_geneformer, write_pc9_small
+from conftest import snapshot
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -20,39 +20,14 @@ transformers = pytest.importorskip("transformers")
 from scdrugmap.extract.backbones.geneformer import RankValueTokenizer  # noqa: E402
 from scdrugmap.store.store import Store  # noqa: E402
 
-ASSETS = SHARED / "backbone_assets" / "geneformer"
-
-
-def save_checkpoint(folder, config_file="config_6L.json", **overrides):
-    """A randomly initialised BertForMaskedLM saved as the release does, next to the real dictionaries."""
-    if not ASSETS.exists():
-        pytest.skip("Geneformer assets not found at ../shared/backbone_assets/geneformer")
-    folder.mkdir(parents=True, exist_ok=True)
-    cfg = json.loads((ASSETS / config_file).read_text())
-    cfg.update(overrides)
-    torch.manual_seed(0)
-    model = transformers.BertForMaskedLM(transformers.BertConfig(**cfg))
-    model.save_pretrained(folder)
-    for name in ("token_dictionary.pkl", "gene_median_dictionary.pkl", "gene_name_id_dict.pkl"):
-        shutil.copy(ASSETS / name, folder / name)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    return save_checkpoint(tmp_path_factory.mktemp("gf") / "gf-6L")
+    return save_geneformer(tmp_path_factory.mktemp("gf") / "gf-6L")
 
 
 @pytest.fixture(scope="module")
 def pc9_small(tmp_path_factory):
-    from conftest import PC9, need_shared
-
-    need_shared(PC9)
-    a = ad.read_h5ad(PC9)
-    keep = np.r_[0:60, len(a) - 60:len(a)]          # 60 sensitive + 60 resistant cells
-    path = tmp_path_factory.mktemp("data") / "pc9_small.h5ad"
-    a[keep].copy().write_h5ad(path)
-    return path
+    return write_pc9_small(tmp_path_factory.mktemp("data") / "pc9_small.h5ad", per_class=20)
 
 
 def test_rank_value_encoding_by_hand():
@@ -81,14 +56,15 @@ def test_extract_on_real_pc9_cells(cli, checkpoint, pc9_small, tmp_path):
     cli.ok("ingest", pc9_small, "--store", st, "--dataset", "pc9", "--label-col", "response")
     out = cli.ok("extract", "--store", st, "--backbone", "geneformer", "--model-dir", checkpoint,
                  "--batch-size", "16", "--quiet").output
-    assert "120 cells x 256 (float16)" in out
+    assert "40 cells x 256 (float16)" in out
     s = Store.open(st)
     X, cells = s.load("geneformer")
-    assert X.shape == (120, 256) and X.dtype == np.float16 and np.isfinite(X).all()
+    assert X.shape == (40, 256) and X.dtype == np.float16 and np.isfinite(X).all()
     prov = s.provenance("geneformer").iloc[0]
     params = json.loads(prov["params"])
     assert params["version"] == "V1" and params["hidden_states_index"] == 5 and params["input_size"] == 2048
-    assert params["genes_matched"] == 13166   # PC9 symbols found through gene_name_id_dict and len(prov["checkpoint_sha256"]) == 64
+    assert params["genes_matched"] == 13166   # PC9 symbols found through gene_name_id_dict
+    assert len(prov["checkpoint_sha256"]) == 64
     # deterministic: a forced re-run with another batch size gives the same embeddings
     cli.ok("extract", "--store", st, "--backbone", "geneformer", "--model-dir", checkpoint, "--batch-size", "7",
            "--force", "--quiet")
@@ -119,6 +95,49 @@ def test_embedding_matches_manual_forward_and_ignores_batch(checkpoint, pc9_smal
         hidden = model.model(input_ids=ids, attention_mask=torch.ones_like(ids),
                              output_hidden_states=True).hidden_states[5]
     np.testing.assert_allclose(batch[3], hidden[0].mean(0).numpy(), atol=1e-5)
+
+
+def test_v2_checkpoint_cls_eos_truncation_and_gene_token_mean(cli, pc9_small, tmp_path):
+    """A V2 dictionary (<cls>/<eos>): input size from the config, special tokens added after
+    truncation to input size - 2 genes, and the mean taken over gene tokens only."""
+    from scdrugmap.extract.backbones.geneformer import Geneformer
+
+    ckpt = save_geneformer(tmp_path / "gf-v2", v2=True, max_position_embeddings=128, hidden_size=64,
+                           num_hidden_layers=3, num_attention_heads=2, intermediate_size=128)
+    model = Geneformer(model_dir=ckpt, batch_size=4)
+    a = ad.read_h5ad(pc9_small)
+
+    class Source:
+        name, value_kind = "pc9", "counts"
+        def ensembl_ids(self): return None
+        def symbols(self, upper=True): return np.asarray(a.var_names.astype(str))
+
+    tok = model.cell_tokenizer(Source())
+    block = sp.csr_matrix(a.X[:6])
+    prepared = tok.prepare(block)
+    cls_id, eos_id = model.tokens["<cls>"], model.tokens["<eos>"]
+    for i in range(6):
+        ids = tok.tokens(prepared, i)
+        assert ids[0] == cls_id and ids[-1] == eos_id and len(ids) == 128     # PC9 cells have > 126 genes
+        assert cls_id not in ids[1:-1] and eos_id not in ids[1:-1]
+        # the 126 genes kept are the 126 highest normalised values
+        row = prepared.getrow(i).toarray().ravel()
+        assert np.sort(row)[::-1][125] <= row[np.argsort(-row, kind="stable")][:126].min()
+    emb = model.embed_block(block, tok)
+    ids = torch.tensor(tok.tokens(prepared, 2))[None]
+    with torch.inference_mode():
+        hidden = model.model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                             output_hidden_states=True).hidden_states[2]      # 3 layers: second-to-last
+    np.testing.assert_allclose(emb[2], hidden[0, 1:-1].mean(0).numpy(), atol=1e-5)
+    assert not np.allclose(emb[2], hidden[0].mean(0).numpy(), atol=1e-5)    # <cls>/<eos> really left out
+    st = tmp_path / "st"
+    cli.ok("ingest", pc9_small, "--store", st, "--dataset", "pc9", "--label-col", "response")
+    cli.ok("extract", "--store", st, "--backbone", "geneformer", "--model-dir", ckpt, "--quiet")
+    params = json.loads(Store.open(st).provenance("geneformer").iloc[0]["params"])
+    assert params["version"] == "V2" and params["input_size"] == 128 and params["hidden_states_index"] == 2
+    assert params["pooling"] == "mean over non-padding gene tokens"
+    X, _ = Store.open(st).load("geneformer", dtype=np.float32)
+    np.testing.assert_allclose(X[:6], emb, atol=2e-2)     # float16 storage
 
 
 @pytest.mark.parametrize("case, match", [

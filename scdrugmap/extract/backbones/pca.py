@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 
 import numpy as np
 
@@ -62,7 +63,11 @@ class PanelPCA(PanelExpression):
         self.fit = self._fit(sources)
         folder = store.path / "models" / "pca"
         folder.mkdir(parents=True, exist_ok=True)
-        np.savez(folder / f"{self.fit['fit_id']}.npz", **{k: v for k, v in self.fit.items() if k != "fit_id"})
+        # write-then-rename: under torchrun every rank saves the same (deterministic) fit
+        final = folder / f"{self.fit['fit_id']}.npz"
+        tmp = folder / f".{final.stem}.{os.getpid()}.npz"
+        np.savez(tmp, **{k: v for k, v in self.fit.items() if k != "fit_id"})
+        os.replace(tmp, final)
 
     def _fit(self, sources) -> dict:
         from sklearn.decomposition import PCA
