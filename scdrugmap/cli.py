@@ -153,12 +153,15 @@ def extract(store_path, backbones, datasets, model_dir, device, batch_size, dtyp
     """Embed every cell of the selected datasets with each backbone.
 
     Already-extracted datasets are skipped unless --force; an interrupted run resumes
-    from its last written chunk.
+    from its last written chunk. Under torchrun the processes share the chunks (one GPU
+    each) and rank 0 updates the index.
 
     \b
     Examples:
       scdrugmap extract --store st --backbone hvg --backbone pca
       scdrugmap extract --store st --backbone pca --dataset pc9 --option n_components=30 --force
+      torchrun --nproc-per-node 8 --no-python scdrugmap extract --store st --backbone geneformer \\
+          --model-dir gf-12L --device cuda
     """
     from .extract.runner import extract as run_extract
 
@@ -168,11 +171,17 @@ def extract(store_path, backbones, datasets, model_dir, device, batch_size, dtyp
         for r in run_extract(store, name, datasets=list(datasets), model_dir=model_dir, device=device,
                              batch_size=batch_size, force=force, dtype=dtype, options=opts, chunk_rows=chunk_rows,
                              show_progress=not quiet):
+            ranks = f"rank {r.rank} of {r.world_size}: " if r.world_size > 1 else ""
             if r.status == "skipped":
-                click.echo(f"{name} · {r.dataset}: already extracted (use --force to redo)")
+                if r.rank == 0:
+                    click.echo(f"{name} · {r.dataset}: already extracted (use --force to redo)")
+            elif r.status == "shard":
+                click.echo(f"{ranks}{name} · {r.dataset}: computed {r.computed_chunks} chunks", err=True)
             else:
                 resumed = f", resumed after {r.resumed_chunks} chunks" if r.resumed_chunks else ""
-                click.echo(f"{name} · {r.dataset}: {r.n_cells:,} cells x {r.dim} ({dtype}){resumed}")
+                shared = f" ({r.world_size} processes; rank 0 computed {r.computed_chunks} chunks)" \
+                    if r.world_size > 1 else ""
+                click.echo(f"{name} · {r.dataset}: {r.n_cells:,} cells x {r.dim} ({dtype}){resumed}{shared}")
 
 
 @main.command()
@@ -209,8 +218,8 @@ def backbones():
 def query(store_path, sql, csv_path, parquet_path, max_rows):
     """Run one read-only SQL SELECT on the store's index.
 
-    Tables: datasets, cells, provenance, probe_runs, probe_results; view cohort
-    (cells with their dataset's drug, cancer_type, tissue, therapy, regimen).
+    Tables: datasets, cells, provenance, probe_runs, probe_results, zero_shot_cache;
+    view cohort (cells with their dataset's drug, cancer_type, tissue, therapy, regimen).
 
     \b
     Examples:
@@ -278,20 +287,95 @@ def probe(store_path, backbones, heads, protocols, group_by, where, seed, positi
 @main.command()
 @store_option
 @click.option("--metric", default="f1", show_default=True, help="Metric to rank by.")
-@click.option("--protocol", type=click.Choice(["pooled", "cross"]), help="Only this protocol.")
+@click.option("--protocol", type=click.Choice(["pooled", "cross", "zero-shot"]), help="Only this protocol.")
 @click.option("--where", "where_runs", help="SQL condition on probe_runs (e.g. \"head = 'lr'\").")
 def leaderboard(store_path, metric, protocol, where_runs):
     """Backbones x heads ranked by a metric (latest run of each configuration).
+
+    Zero-shot runs (scdrugmap zero-shot) appear with backbone gpt-zero-shot and the
+    model as head.
 
     \b
     Examples:
       scdrugmap leaderboard --store st
       scdrugmap leaderboard --store st --metric auroc --protocol cross
+      scdrugmap leaderboard --store st --protocol zero-shot
     """
     from .probe.run import leaderboard as board
 
     frame = board(open_store(store_path), metric=metric, protocol=protocol, where=where_runs)
     print_table(frame, title=f"Leaderboard by {metric}")
+
+
+# ---- zero-shot ------------------------------------------------------------------------------
+@main.command("zero-shot")
+@store_option
+@click.option("--where", help="SQL condition on the cohort view selecting the cells.")
+@click.option("--dataset", "datasets", multiple=True, help="Dataset (repeatable; default: all).")
+@click.option("--model", default="gpt-4o-mini", show_default=True, help="Model name at the endpoint.")
+@click.option("--base-url", envvar="OPENAI_BASE_URL", show_envvar=True,
+              help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1 (default: api.openai.com).")
+@click.option("--api-key", envvar="OPENAI_API_KEY", show_envvar=True,
+              help="API key (prefer the environment variable: command lines end up in shell histories).")
+@click.option("--top-n", default=10, show_default=True, type=click.IntRange(1),
+              help="Highest-expressed genes listed per cell.")
+@click.option("--cells-per-request", default=10, show_default=True, type=click.IntRange(1),
+              help="Cells per prompt (the paper's 10); a dataset's last request may hold fewer.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the cell order before batching.")
+@click.option("--positive", default="resistant", show_default=True, type=click.Choice(["resistant", "sensitive"]),
+              help="Positive class of F1, precision, recall.")
+@click.option("--concurrency", default=4, show_default=True, type=click.IntRange(1), help="Requests in parallel.")
+@click.option("--max-cells", default=500, show_default=True, type=click.IntRange(0),
+              help="Ask before sending more uncached cells than this.")
+@click.option("--yes", is_flag=True, help="Send without asking, however many cells.")
+@click.option("--retries", default=5, show_default=True, type=click.IntRange(0),
+              help="Retries of a request after 429, 5xx or a connection error.")
+@click.option("--retry-delay", default=1.0, show_default=True, type=click.FloatRange(0),
+              help="Seconds before the first retry; doubled at each further one.")
+@click.option("--timeout", default=120.0, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="Seconds to wait for one answer.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def zero_shot(store_path, where, datasets, model, base_url, api_key, top_n, cells_per_request, seed, positive,
+              concurrency, max_cells, yes, retries, retry_delay, timeout, quiet):
+    """Ask a chat model to call each cell sensitive or resistant (scDrugMap's GPT zero-shot).
+
+    Each request holds the top genes of up to 10 cells of one dataset and the dataset's
+    drug, cancer type and tissue; the answer {res:1,0,...} (1 = sensitive) is scored with the
+    probe metrics, one split per dataset, and stored as a run with protocol zero-shot.
+    Answers are cached in the store: a rerun sends nothing. Needs the openai package
+    (pip install 'scdrugmap[zeroshot]'); any OpenAI-compatible server works.
+
+    \b
+    Examples:
+      export OPENAI_API_KEY=...
+      scdrugmap zero-shot --store st --dataset pc9 --where "row % 10 = 0"
+      scdrugmap zero-shot --store st --where "cancer_type = 'Glioblastoma'" --max-cells 5000
+      scdrugmap zero-shot --store st --base-url http://localhost:8000/v1 --model Qwen2.5-7B-Instruct --yes
+      scdrugmap leaderboard --store st --protocol zero-shot
+    """
+    from .zeroshot import run_zero_shot
+
+    if yes:
+        def confirm(message):
+            return True
+    elif sys.stdin.isatty():
+        def confirm(message):
+            return click.confirm(message, default=False, err=True)
+    else:
+        confirm = None
+    run = run_zero_shot(open_store(store_path), where=where, datasets=list(datasets), model=model,
+                        base_url=base_url, api_key=api_key, top_n=top_n, cells_per_request=cells_per_request,
+                        seed=seed, positive=positive, concurrency=concurrency, max_cells=max_cells,
+                        confirm=confirm, retries=retries, retry_delay=retry_delay, timeout=timeout,
+                        show_progress=not quiet)
+    for note in run.notes:
+        click.echo(f"note: {note}", err=True)
+    columns = ["split", "status", "n_test", "f1", "macro_f1", "auroc", "accuracy", "mcc", "reason"]
+    frame = run.results[columns].rename(columns={"split": "dataset", "n_test": "cells scored"})
+    print_table(frame, title=f"Zero-shot {model} (hard 0/1 answers, so AUROC = balanced accuracy)")
+    mean = run.summary_row()
+    click.echo(f"mean over {len(frame)} dataset(s): F1 {mean['f1']}, AUROC {mean['auroc']}, MCC {mean['mcc']} "
+               f"(run {run.run_id}, in 'scdrugmap leaderboard --protocol zero-shot')")
 
 
 # ---- simulate -------------------------------------------------------------------------------

@@ -23,6 +23,8 @@ from .heads import make_head
 from .splits import cross_splits, pooled_splits, resolve_group_by
 
 PROTOCOLS = ("pooled", "cross")
+# protocols a stored run may have: the probe protocols plus ``scdrugmap zero-shot``'s
+LEADERBOARD_PROTOCOLS = (*PROTOCOLS, "zero-shot")
 
 
 @dataclass
@@ -37,6 +39,7 @@ class ProbeRun:
     results: pd.DataFrame
     notes: list = field(default_factory=list)
     method: str = "frozen"
+    params: dict = field(default_factory=dict)     # stored as probe_runs.params (JSON)
 
     def summary_row(self) -> dict:
         ok = self.results[self.results["status"] != "one-class-train"]
@@ -86,8 +89,8 @@ def run_probe(store: Store, backbone: str, head: str = "lr", protocol: str = "po
         records = evaluate(X, y, splits, head, seed=seed, head_params=head_params, n_jobs=n_jobs,
                            progress=lambda record: advance(1))
     run = ProbeRun(uuid.uuid4().hex[:12], backbone, head, protocol, group_label, len(cells), datasets,
-                   _results_frame(records), notes)
-    _save(store, run, where, seed, positive, n_splits, resolved)
+                   _results_frame(records), notes, params={"head": resolved, "n_splits": n_splits})
+    _save(store, run, where, seed, positive)
     return run
 
 
@@ -119,15 +122,15 @@ def _ids(series: pd.Series):
     return None if series.isna().all() else series.to_numpy()
 
 
-def _save(store: Store, run: ProbeRun, where, seed, positive, n_splits, head_params: dict) -> None:
-    params = {"head": head_params, "n_splits": n_splits}
+def _save(store: Store, run: ProbeRun, where, seed, positive) -> None:
+    """The run and its per-split results, in one transaction (shared with ``scdrugmap zero-shot``)."""
     results = run.results[RESULT_COLUMNS].copy()
     results.insert(0, "run_id", run.run_id)
     columns = list(results.columns)
     with store.transaction() as con:
         con.execute("INSERT INTO probe_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [run.run_id, now(), run.backbone, run.head, run.method, run.protocol, run.group_by, where, seed,
-                     positive, run.datasets, run.n_cells, json.dumps(params, sort_keys=True),
+                     positive, run.datasets, run.n_cells, json.dumps(run.params, sort_keys=True),
                      "; ".join(run.notes) or None, __version__])
         con.register("incoming_results", results[columns])
         names = ", ".join(f'"{c}"' for c in columns)
@@ -140,8 +143,8 @@ def leaderboard(store: Store, metric: str = "f1", protocol: str | None = None, w
     """Latest run of each (backbone, method, head, protocol, grouping, cohort), ranked by ``metric``."""
     if metric not in METRIC_COLUMNS:
         raise UserError(f"unknown metric {metric!r}: use one of {', '.join(METRIC_COLUMNS)}")
-    if protocol is not None and protocol not in PROTOCOLS:
-        raise UserError(f"unknown protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}")
+    if protocol is not None and protocol not in LEADERBOARD_PROTOCOLS:
+        raise UserError(f"unknown protocol {protocol!r}: use one of {', '.join(LEADERBOARD_PROTOCOLS)}")
     conditions = ["TRUE"]
     if protocol:
         conditions.append(f"protocol = '{protocol}'")
@@ -162,7 +165,7 @@ def leaderboard(store: Store, metric: str = "f1", protocol: str | None = None, w
     frame = store.sql(query)
     if frame.empty:
         raise UserError("no probe results yet" + (" for this selection" if (protocol or where) else "")
-                        + ": run 'scdrugmap probe' first")
+                        + ": run 'scdrugmap probe' or 'scdrugmap zero-shot' first")
     frame.insert(0, "rank", range(1, len(frame) + 1))
     frame = frame.rename(columns={"mean": metric, "std": f"{metric}_std"})
     return frame

@@ -12,6 +12,16 @@ CELL_CORE_COLUMNS = ("dataset", "row", "obs_name", "label", "label_raw", "sample
 # Dataset-level context that the ``cohort`` view adds to every cell.
 DATASET_CONTEXT_COLUMNS = ("drug", "cancer_type", "tissue", "therapy", "regimen")
 
+# Answers of chat models to zero-shot prompts (scdrugmap zero-shot), so that a rerun pays
+# nothing. IF NOT EXISTS: stores created before this table get it on their first zero-shot run.
+ZERO_SHOT_CACHE_DDL = """CREATE TABLE IF NOT EXISTS zero_shot_cache (
+        key VARCHAR PRIMARY KEY,            -- sha256 of model + newline + prompt
+        model VARCHAR NOT NULL,
+        prompt VARCHAR NOT NULL,            -- the exact messages JSON sent
+        response VARCHAR NOT NULL,          -- the answer text (empty when the model gave none)
+        created_at TIMESTAMP NOT NULL
+    )"""
+
 DDL = [
     """CREATE TABLE meta (key VARCHAR PRIMARY KEY, value VARCHAR)""",
     """CREATE TABLE datasets (
@@ -66,8 +76,8 @@ DDL = [
         backbone VARCHAR NOT NULL,
         head VARCHAR NOT NULL,
         method VARCHAR NOT NULL,            -- frozen | lora | zero-shot
-        protocol VARCHAR NOT NULL,          -- pooled | cross
-        group_by VARCHAR NOT NULL,          -- sample | patient | none
+        protocol VARCHAR NOT NULL,          -- pooled | cross | zero-shot
+        group_by VARCHAR NOT NULL,          -- sample | patient | dataset | none
         where_sql VARCHAR,
         seed INTEGER NOT NULL,
         positive_label VARCHAR NOT NULL,
@@ -80,7 +90,7 @@ DDL = [
     """CREATE TABLE probe_results (
         run_id VARCHAR NOT NULL,
         split VARCHAR NOT NULL,             -- fold name, or the held-out dataset
-        status VARCHAR NOT NULL,            -- ok | one-class-test | one-class-train
+        status VARCHAR NOT NULL,            -- ok | one-class-test | one-class-train | no-answer
         reason VARCHAR,
         n_train INTEGER, n_test INTEGER, n_test_positive INTEGER,
         f1 DOUBLE, macro_f1 DOUBLE, auroc DOUBLE, auprc DOUBLE, accuracy DOUBLE,
@@ -88,6 +98,7 @@ DDL = [
         fit_seconds DOUBLE,
         PRIMARY KEY (run_id, split)
     )""",
+    ZERO_SHOT_CACHE_DDL,
 ]
 
 METRIC_COLUMNS = (
