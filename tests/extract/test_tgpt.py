@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from conftest import SHARED, snapshot
+from checkpoints import save_tgpt
+from conftest import snapshot
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -19,22 +20,9 @@ transformers = pytest.importorskip("transformers")
 from scdrugmap.extract.backbones.tgpt import RankedSymbolTokenizer, clean_symbol  # noqa: E402
 from scdrugmap.store.store import Store  # noqa: E402
 
-ASSETS = SHARED / "backbone_assets" / "tgpt"
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    if not ASSETS.exists():
-        pytest.skip("tGPT tokenizer not found at ../shared/backbone_assets/tgpt")
-    folder = tmp_path_factory.mktemp("tgpt") / "tgpt"
-    folder.mkdir()
-    for f in ASSETS.iterdir():
-        shutil.copy(f, folder / f.name)
-    vocab = len(json.loads((ASSETS / "tokenizer.json").read_text())["model"]["vocab"])
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(vocab_size=vocab, n_positions=64, n_embd=64, n_layer=2, n_head=4)
-    transformers.GPT2LMHeadModel(cfg).save_pretrained(folder)
-    return folder
+    return save_tgpt(tmp_path_factory.mktemp("tgpt") / "tgpt", n_embd=64, n_layer=2, n_head=4)
 
 
 def test_ranked_symbols_by_hand():
