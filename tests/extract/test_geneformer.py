@@ -97,6 +97,28 @@ def test_embedding_matches_manual_forward_and_ignores_batch(checkpoint, pc9_smal
     np.testing.assert_allclose(batch[3], hidden[0].mean(0).numpy(), atol=1e-5)
 
 
+@pytest.mark.parametrize("config_file, layers, width", [("config_6L.json", 6, 256), ("config_12L.json", 12, 512)])
+def test_both_v1_release_configs_load(config_file, layers, width, pc9_small, tmp_path):
+    """The release's 6- and 12-layer V1 configs, unchanged: second-to-last layer by default."""
+    from scdrugmap.extract.backbones.geneformer import Geneformer
+
+    model = Geneformer(model_dir=save_geneformer(tmp_path / "gf", config_file), batch_size=2)
+    params = model.params()
+    assert (model.dim, model.n_layers, params["hidden_states_index"], params["input_size"]) == \
+        (width, layers, layers - 1, 2048)
+    a = ad.read_h5ad(pc9_small)
+
+    class Source:
+        name, value_kind = "pc9", "counts"
+        def ensembl_ids(self): return None
+        def symbols(self, upper=True): return np.asarray(a.var_names.astype(str))
+
+    keep = (np.arange(a.n_vars) < 3000).astype(np.float32)
+    block = sp.csr_matrix(sp.csr_matrix(a.X[:2]).multiply(keep[None, :]))   # fewer genes: a quick forward
+    emb = model.embed_block(block, model.cell_tokenizer(Source()))
+    assert emb.shape == (2, width) and np.isfinite(emb).all()
+
+
 def test_v2_checkpoint_cls_eos_truncation_and_gene_token_mean(cli, pc9_small, tmp_path):
     """A V2 dictionary (<cls>/<eos>): input size from the config, special tokens added after
     truncation to input size - 2 genes, and the mean taken over gene tokens only."""

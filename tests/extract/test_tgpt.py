@@ -89,3 +89,43 @@ def test_bad_checkpoints(cli, checkpoint, tmp_path, case, match):
     before = snapshot(st)
     cli.fails("extract", "--store", st, "--backbone", "tgpt", "--model-dir", bad, "--quiet", match=match)
     assert snapshot(st) == before
+
+
+def test_batch_invariant_and_deterministic(checkpoint, pc9):
+    """Right padding never leaks into a cell (causal model, mask-aware mean); reruns are identical."""
+    from scdrugmap.extract.backbones.tgpt import TGPT
+
+    a = ad.read_h5ad(pc9)
+
+    class Source:
+        name = "pc9"
+        def symbols(self, upper=True): return np.asarray(a.var_names.astype(str))
+
+    model = TGPT(model_dir=checkpoint, batch_size=5)
+    block = sp.lil_matrix(a.X[:12])
+    block[4] = 0                       # a cell with few genes: shorter than the others
+    block[4, :3] = 1
+    block = sp.csr_matrix(block)
+    tok = model.cell_tokenizer(Source())
+    batch = model.embed_block(block, tok)
+    assert len(set(tok.lengths(tok.prepare(block)))) > 1          # the batch really is padded
+    for i in (0, 4, 11):
+        np.testing.assert_allclose(model.embed_block(block[i:i + 1], tok)[0], batch[i], atol=1e-5)
+    np.testing.assert_array_equal(TGPT(model_dir=checkpoint, batch_size=3).embed_block(block, tok), batch)
+
+
+def test_no_gene_overlap_and_normalized_input(cli, checkpoint, tmp_path):
+    X = sp.csr_matrix(np.random.default_rng(0).poisson(2, (10, 3)).astype(np.float32))
+    obs = pd.DataFrame({"response": ["sensitive", "resistant"] * 5}, index=[f"c{i}" for i in range(10)])
+    ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=["FAKE1", "FAKE2", "FAKE3"])).write_h5ad(tmp_path / "f.h5ad")
+    ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=["B2M", "FTL", "ACTB"])).write_h5ad(tmp_path / "g.h5ad")
+    st = tmp_path / "st"
+    cli.ok("ingest", tmp_path / "f.h5ad", "--store", st, "--dataset", "fake", "--label-col", "response")
+    cli.ok("ingest", tmp_path / "g.h5ad", "--store", st, "--dataset", "norm", "--label-col", "response",
+           "--values", "normalized")
+    before = snapshot(st)
+    cli.fails("extract", "--store", st, "--backbone", "tgpt", "--dataset", "fake", "--model-dir", checkpoint,
+              "--quiet", match="in the tGPT")
+    cli.fails("extract", "--store", st, "--backbone", "tgpt", "--dataset", "norm", "--model-dir", checkpoint,
+              "--quiet", match="needs raw counts")
+    assert snapshot(st) == before
