@@ -170,7 +170,7 @@ def bench(name: str, store: Store, device: str, workers: int, batch_size: int | 
     tokenizer = model.cell_tokenizer(source) if neural else None
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
-    encode(source.rows(0, min(256, source.n_cells)))       # warm-up: CUDA context, kernels, caches
+    encode(source.rows(0, min(256 if device.startswith("cuda") else 8, source.n_cells)))   # warm-up
     sync()
     if neural:
         model.padding_stats = [0, 0]
