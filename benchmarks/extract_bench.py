@@ -1,22 +1,25 @@
 """Extraction benchmark: cells/s per backbone, padding fraction, model-FLOPs utilisation (GPU).
 
-Data: the real PC9 + erlotinib matrix (``../shared/data``; 1,505 cells x 25,077 genes, raw
-counts, median 2,062 expressed genes per cell), its rows repeated to ``--cells`` cells and
-ingested into a store, so the token counts are those of real cells.
+Data: ``--cells`` cells drawn at random (seeded) from the real PC9 + erlotinib matrix
+(``../shared/data``; 1,505 cells x 25,077 genes, raw counts, median 2,062 expressed genes per
+cell; with replacement beyond 1,505), ingested into a store, so the token counts are those of
+real cells. On a CPU the heaviest models are timed on the first 16-96 of them.
 
 Checkpoints: randomly initialised in the official shapes and layouts, built as the tests
-build them (``tests/extract/checkpoints.py``): ``geneformer-6L`` / ``geneformer-12L`` (the
-release configs, 2,048 input tokens), ``tgpt`` (1024-d, 8 layers, 16 heads, 64 tokens), ``llm-minilm``
-(the real MiniLM weights, top 100 genes) and, with ``--backbone llama-8b`` on a GPU, a random
-Llama-3-8B-shaped model in bf16 over the same gene sentences.
+build them (``tests/extract/checkpoints.py``, ``official_*.py``): ``geneformer-6L`` /
+``geneformer-12L`` (the release configs, 2,048 input tokens), ``tgpt`` (1024-d, 8 layers, 16
+heads, 64 tokens), ``llm-minilm`` (the real MiniLM weights, top 100 genes), ``scgpt`` (the
+whole-human args.json: 512-d, 12 layers, 1,200 tokens), ``scfoundation`` (768-d, 12 layers, the
+released 0.1B shape), ``cellplm`` (the 20230926_85M config) and, with ``--backbone llama-8b``
+on a GPU, a random Llama-3-8B-shaped model in bf16 over the same gene sentences.
 
 Each backbone runs through the path ``scdrugmap extract`` takes (source rows of one 4,096-row
 store chunk -> tokenisation in DataLoader workers -> length-sorted batches -> forward -> pool),
 timed per chunk after a warm-up; the Zarr write is left out (store_bench.py measures it).
 Printed per backbone: model load seconds, cells/s, the padded fraction of all positions with
 the engine's length-sorted batches and with the same batch size in store order (ratio in the
-same run), the model FLOPs per cell (2 x non-embedding parameters x tokens + 4 x layers x
-tokens^2 x width, real tokens only), and on CUDA the MFU against the GPU's dense bf16 peak,
+same run), the model FLOPs per cell (counted by torch's FlopCounterMode on 8 cells embedded
+one at a time, so padding is not counted), and on CUDA the MFU against the GPU's dense bf16 peak,
 the peak GPU memory, and the agreement of the GPU's (bf16 autocast) embeddings with a CPU
 fp32 run of the same cells.
 
@@ -42,7 +45,7 @@ sys.path.insert(0, str(ROOT / "tests" / "extract"))
 import checkpoints as ck  # noqa: E402
 
 from scdrugmap.extract import registry  # noqa: E402
-from scdrugmap.extract.engine import TorchBackbone, length_sorted_batches  # noqa: E402
+from scdrugmap.extract.engine import CellTokenizer, TorchBackbone, length_sorted_batches  # noqa: E402
 from scdrugmap.extract.runner import _sources  # noqa: E402
 from scdrugmap.store.ingest import IngestRequest, ingest  # noqa: E402
 from scdrugmap.store.store import Store  # noqa: E402
@@ -60,30 +63,60 @@ def _llama8b(folder):
                          num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0)
 
 
-# name -> (registry name, checkpoint builder, options, batch size on CPU, batch size on CUDA)
+def _scfoundation(folder):
+    from official_scfoundation import save_scfoundation
+
+    return save_scfoundation(folder, hidden=768, depth=12, heads=12, dec_hidden=512, dec_depth=6, dec_heads=8,
+                             dec_dim_head=64)
+
+
+def _cellplm(folder):
+    import shutil
+
+    from official_cellplm import SMALL, release_config, save_cellplm
+
+    release = release_config()
+    save_cellplm(folder, **{k: release[k] for k in SMALL})
+    # PC9 has symbols only: Geneformer's symbol -> Ensembl dictionary, found in the folder
+    shutil.copy(ck.GENEFORMER_ASSETS / "gene_name_id_dict.pkl", folder / "gene_name_id_dict.pkl")
+    return folder
+
+
+def _scgpt(folder):
+    from official_scgpt import save_official_scgpt
+
+    return save_official_scgpt(folder)
+
+
+# name -> (registry name, checkpoint builder, options, batch size on CPU, batch size on CUDA, cells on CPU)
 BACKBONES = {
-    "hvg": ("hvg", None, {}, None, None),
-    "pca": ("pca", None, {}, None, None),
-    "geneformer-6L": ("geneformer", lambda d: ck.save_geneformer(d, "config_6L.json"), {}, 16, 128),
-    "geneformer-12L": ("geneformer", lambda d: ck.save_geneformer(d, "config_12L.json"), {}, 8, 64),
-    "tgpt": ("tgpt", ck.save_tgpt, {}, 64, 512),
-    "llm-minilm": ("llm", None, {"top_k": 100}, 64, 512),
-    "llama-8b": ("llm", _llama8b, {"top_k": 100}, 2, 32),
+    "hvg": ("hvg", None, {}, None, None, None),
+    "pca": ("pca", None, {}, None, None, None),
+    "geneformer-6L": ("geneformer", lambda d: ck.save_geneformer(d, "config_6L.json"), {}, 16, 128, 96),
+    "geneformer-12L": ("geneformer", lambda d: ck.save_geneformer(d, "config_12L.json"), {}, 8, 64, 32),
+    "tgpt": ("tgpt", ck.save_tgpt, {}, 64, 512, None),
+    "llm-minilm": ("llm", None, {"top_k": 100}, 64, 512, None),
+    "scgpt": ("scgpt", _scgpt, {}, 16, 128, 96),
+    "scfoundation": ("scfoundation", _scfoundation, {}, 4, 32, 16),
+    "cellplm": ("cellplm", _cellplm, {}, None, None, None),
+    "llama-8b": ("llm", _llama8b, {"top_k": 100}, 2, 32, 8),
 }
-DEFAULT = ["hvg", "pca", "geneformer-6L", "geneformer-12L", "tgpt", "llm-minilm"]
+DEFAULT = ["hvg", "pca", "geneformer-6L", "geneformer-12L", "tgpt", "llm-minilm", "scgpt", "scfoundation",
+           "cellplm"]
 
 
 def dataset(n_cells: int) -> Store:
     """A store holding the PC9 rows repeated to ``n_cells`` (built once, cached)."""
     import anndata as ad
 
-    folder = CACHE / "extract" / f"pc9x{n_cells}"
+    folder = CACHE / "extract" / f"pc9-random{n_cells}"
     store_dir = folder / "store"
     if (folder / "built").exists():
         return Store.open(store_dir)
     folder.mkdir(parents=True, exist_ok=True)
     a = ad.read_h5ad(ck.PC9)
-    a = a[np.resize(np.arange(a.n_obs), n_cells)].copy()
+    rows = np.random.default_rng(0).choice(a.n_obs, size=n_cells, replace=n_cells > a.n_obs)
+    a = a[rows].copy()
     a.obs_names = [f"c{i}" for i in range(n_cells)]
     a.write_h5ad(folder / "cells.h5ad")
     ingest(store_dir, IngestRequest(file=folder / "cells.h5ad", dataset="pc9", label_col="response"))
@@ -115,22 +148,24 @@ def checkpoint(name: str, builder):
     if builder is None:
         return None
     folder = CACHE / "checkpoints" / name
-    if not (folder / "config.json").exists():
+    if not (folder / "built").exists():
         print(f"  building a random {name} checkpoint ...", flush=True)
         builder(folder)
+        (folder / "built").write_text("ok")
     return folder
 
 
-def model_flops(model, lengths: np.ndarray) -> float:
-    """Forward FLOPs over real tokens: 2 x non-embedding parameters per token + attention scores."""
-    net = model.model
-    cfg = net.config
-    params = sum(p.numel() for n, p in net.named_parameters()
-                 if not any(k in n for k in ("embeddings", "wte", "wpe", "embed_tokens")))
-    layers = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
-    width = getattr(cfg, "hidden_size", None) or cfg.n_embd
-    lengths = lengths.astype(np.float64)
-    return float(2 * params * lengths.sum() + 4 * layers * width * (lengths ** 2).sum())
+def counted_flops(model, encode, block, cells: int = 8) -> float:
+    """FLOPs per cell, counted by torch's FlopCounterMode while ``cells`` cells are embedded one at
+    a time (no padding counted; sparse products, e.g. CellPLM's input projection, are not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    saved, model.batch_size = model.batch_size, 1
+    counter = FlopCounterMode(display=False)
+    with counter:
+        encode(block[:cells])
+    model.batch_size = saved
+    return counter.get_total_flops() / min(cells, block.shape[0])
 
 
 def padding(lengths: np.ndarray, batches) -> float:
@@ -142,8 +177,8 @@ def agreement(cls, model_dir, options, source, encode, n: int) -> dict:
     """The same cells on this device (its default precision) and on the CPU in fp32."""
     block = source.rows(0, min(n, source.n_cells))
     here = np.asarray(encode(block), dtype=np.float64)
-    cpu = cls(model_dir=model_dir, device="cpu", batch_size=8, options={**options, "precision": "fp32",
-                                                                        "workers": 0})
+    cpu = cls(model_dir=model_dir, device="cpu", batch_size=8,
+              options={**options, "precision": "fp32", **({"workers": 0} if "workers" in options else {})})
     ref = np.asarray(cpu.encoder(source)(block), dtype=np.float64)
     cos = (here * ref).sum(1) / (np.linalg.norm(here, axis=1) * np.linalg.norm(ref, axis=1))
     return {"cpu_fp32_min_cosine": round(float(cos.min()), 5),
@@ -153,68 +188,65 @@ def agreement(cls, model_dir, options, source, encode, n: int) -> dict:
 def bench(name: str, store: Store, device: str, workers: int, batch_size: int | None, check_cells: int = 0) -> dict:
     import torch
 
-    reg_name, builder, options, cpu_batch, gpu_batch = BACKBONES[name]
+    reg_name, builder, options, cpu_batch, gpu_batch, cpu_cells = BACKBONES[name]
     cls = registry.get(reg_name)
     model_dir = checkpoint(name, builder)
     options = dict(options)
-    if issubclass(cls, TorchBackbone):
+    if "workers" in cls.options:
         options["workers"] = workers
         batch_size = batch_size or (gpu_batch if device.startswith("cuda") else cpu_batch)
+    # the heaviest models see fewer cells on a CPU (the rate, not the count, is the figure)
     (source,) = _sources(store, ["pc9"])
+    n = source.n_cells if device.startswith("cuda") or not cpu_cells else min(cpu_cells, source.n_cells)
     t0 = time.perf_counter()
     model = cls(model_dir=model_dir, device=device, batch_size=batch_size, options=options)
     model.prepare(store, [source])
     encode = model.encoder(source)
     load_s = time.perf_counter() - t0
     neural = isinstance(model, TorchBackbone)
-    tokenizer = model.cell_tokenizer(source) if neural else None
+    try:
+        tokenizer = model.cell_tokenizer(source) if neural else None
+    except NotImplementedError:                 # CellPLM: no tokens, the cells are the sequence
+        tokenizer = None
+    token_counts = isinstance(tokenizer, CellTokenizer)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
     encode(source.rows(0, min(256 if device.startswith("cuda") else 8, source.n_cells)))   # warm-up
     sync()
     if neural:
         model.padding_stats = [0, 0]
-    seconds, flops, lengths_all, store_order = 0.0, 0.0, [], []
-    for lo in range(0, source.n_cells, CHUNK):
-        hi = min(lo + CHUNK, source.n_cells)
+    seconds, lengths_all = 0.0, []
+    for lo in range(0, n, CHUNK):
+        hi = min(lo + CHUNK, n)
         block = source.rows(lo, hi)
-        if neural:
-            lengths = np.asarray(tokenizer.lengths(tokenizer.prepare(block)))
-            lengths_all.append(lengths)
-            store_order += [list(range(i, min(i + model.batch_size, len(lengths)))) for i in
-                            range(0, len(lengths), model.batch_size)]
-            flops += model_flops(model, lengths)
+        if token_counts:
+            lengths_all.append(np.asarray(tokenizer.lengths(tokenizer.prepare(block))))
         t = time.perf_counter()
         encode(block)
         sync()
         seconds += time.perf_counter() - t
-    row = {"backbone": name, "device": device, "cells": source.n_cells, "dim": model.dim,
+    row = {"backbone": name, "device": device, "cells": n, "dim": model.dim,
            "batch": model.batch_size if neural else "-", "load_s": round(load_s, 1),
-           "cells_per_s": round(source.n_cells / seconds, 1)}
-    if neural:
+           "cells_per_s": round(n / seconds, 1)}
+    if token_counts:
         lengths = np.concatenate(lengths_all)
-        sorted_batches = []
-        offset = 0
-        for chunk_lengths in lengths_all:
-            sorted_batches += [[offset + i for i in b] for b in length_sorted_batches(chunk_lengths,
-                                                                                      model.batch_size)]
-            offset += len(chunk_lengths)
-        store_batches, offset, k = [], 0, 0
-        for chunk_lengths in lengths_all:
-            n_b = -(-len(chunk_lengths) // model.batch_size)
-            store_batches += [[offset + i for i in b] for b in store_order[k:k + n_b]]
-            k += n_b
-            offset += len(chunk_lengths)
-        engine_pad = model.padding_stats[0] / max(model.padding_stats[1], 1)
-        row.update({"tokens_median": int(np.median(lengths)), "pad_sorted": round(engine_pad, 4),
+        sorted_batches, store_batches, offset = [], [], 0
+        for chunk in lengths_all:
+            sorted_batches += [[offset + i for i in b] for b in length_sorted_batches(chunk, model.batch_size)]
+            store_batches += [list(range(offset + i, offset + min(i + model.batch_size, len(chunk))))
+                              for i in range(0, len(chunk), model.batch_size)]
+            offset += len(chunk)
+        row.update({"tokens_median": int(np.median(lengths)),
+                    "pad_sorted": round(model.padding_stats[0] / max(model.padding_stats[1], 1), 4),
                     "pad_sorted_check": round(padding(lengths, sorted_batches), 4),
-                    "pad_store_order": round(padding(lengths, store_batches), 4),
-                    "gflop_per_cell": round(flops / source.n_cells / 1e9, 2),
-                    "tflop_s": round(flops / seconds / 1e12, 2)})
+                    "pad_store_order": round(padding(lengths, store_batches), 4)})
+    if neural:
+        per_cell = counted_flops(model, encode, source.rows(0, n))
+        row.update({"gflop_per_cell": round(per_cell / 1e9, 2), "tflop_s": round(per_cell * n / seconds / 1e12, 3)})
         if device.startswith("cuda"):
             gpu = torch.cuda.get_device_name()
             peak = next((v for k, v in PEAKS.items() if k in gpu), None)
-            row["mfu"] = round(flops / seconds / peak, 3) if peak else None
+            row["mfu"] = round(per_cell * n / seconds / peak, 3) if peak else None
             row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
     if neural and check_cells and device != "cpu":
         row.update(agreement(cls, model_dir, options, source, encode, check_cells))
@@ -259,8 +291,9 @@ def main():
     if "pad_sorted" in frame:
         neural = frame.dropna(subset=["pad_sorted"])
         for r in neural.itertuples():
+            ratio = f"{r.pad_store_order / r.pad_sorted:.1f}x" if r.pad_sorted > 0 else "no padding either way"
             print(f"{r.backbone}: length-sorted batches pad {r.pad_sorted:.1%} of positions vs "
-                  f"{r.pad_store_order:.1%} in store order ({r.pad_store_order / max(r.pad_sorted, 1e-9):.1f}x)")
+                  f"{r.pad_store_order:.1%} in store order ({ratio})")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 
