@@ -10,7 +10,8 @@ build them (``tests/extract/checkpoints.py``, ``official_*.py``): ``geneformer-6
 ``geneformer-12L`` (the release configs, 2,048 input tokens), ``tgpt`` (1024-d, 8 layers, 16
 heads, 64 tokens), ``llm-minilm`` (the real MiniLM weights, top 100 genes), ``scgpt`` (the
 whole-human args.json: 512-d, 12 layers, 1,200 tokens), ``scfoundation`` (768-d, 12 layers, the
-released 0.1B shape), ``cellplm`` (the 20230926_85M config) and, with ``--backbone llama-8b``
+released 0.1B shape), ``cellplm`` (the 20230926_85M config), ``scbert`` (200-d, 6 layers, 16,907 tokens),
+``celllm`` (the cellLM_ctc.json config, 512-d, 10 layers) and, with ``--backbone llama-8b``
 on a GPU, a random Llama-3-8B-shaped model in bf16 over the same gene sentences.
 
 Each backbone runs through the path ``scdrugmap extract`` takes (source rows of one 4,096-row
@@ -88,6 +89,25 @@ def _scgpt(folder):
     return save_official_scgpt(folder)
 
 
+def _pc9_genes(n: int) -> list:
+    """``n`` of PC9's gene symbols, as a stand-in for a release's gene order of that length."""
+    import anndata as ad
+
+    return list(ad.read_h5ad(ck.PC9, backed="r").var_names.astype(str)[:n])
+
+
+def _scbert(folder):
+    from official_performer import save_scbert
+
+    return save_scbert(folder, _pc9_genes(16906), dim=200, depth=6, heads=10)
+
+
+def _celllm(folder):
+    from official_performer import save_celllm
+
+    return save_celllm(folder, _pc9_genes(19379), dim=512, depth=10, heads=16, max_seq_len=6000)
+
+
 # name -> (registry name, checkpoint builder, options, batch size on CPU, batch size on CUDA, cells on CPU)
 BACKBONES = {
     "hvg": ("hvg", None, {}, None, None, None),
@@ -99,10 +119,12 @@ BACKBONES = {
     "scgpt": ("scgpt", _scgpt, {}, 16, 128, 96),
     "scfoundation": ("scfoundation", _scfoundation, {}, 4, 32, 16),
     "cellplm": ("cellplm", _cellplm, {}, None, None, None),
+    "scbert": ("scbert", _scbert, {}, 1, 16, 2),
+    "celllm": ("celllm", _celllm, {}, 4, 64, 16),
     "llama-8b": ("llm", _llama8b, {"top_k": 100}, 2, 32, 8),
 }
 DEFAULT = ["hvg", "pca", "geneformer-6L", "geneformer-12L", "tgpt", "llm-minilm", "scgpt", "scfoundation",
-           "cellplm"]
+           "cellplm", "scbert", "celllm"]
 
 
 def dataset(n_cells: int) -> Store:
@@ -158,10 +180,15 @@ def checkpoint(name: str, builder):
 def counted_flops(model, encode, block, cells: int = 8) -> float:
     """FLOPs per cell, counted by torch's FlopCounterMode while ``cells`` cells are embedded one at
     a time (no padding counted; sparse products, e.g. CellPLM's input projection, are not counted)."""
-    from torch.utils.flop_counter import FlopCounterMode
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    def cpu_sdpa(query, key, value, *args, **kwargs):        # torch counts SDPA on CUDA only
+        return sdpa_flop_count(query, key, value)
 
     saved, model.batch_size = model.batch_size, 1
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping={
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_sdpa})
     with counter:
         encode(block[:cells])
     model.batch_size = saved
