@@ -11,13 +11,16 @@ build them (``tests/extract/checkpoints.py``, ``official_*.py``): ``geneformer-6
 heads, 64 tokens), ``llm-minilm`` (the real MiniLM weights, top 100 genes), ``scgpt`` (the
 whole-human args.json: 512-d, 12 layers, 1,200 tokens), ``scfoundation`` (768-d, 12 layers, the
 released 0.1B shape), ``cellplm`` (the 20230926_85M config), ``scbert`` (200-d, 6 layers, 16,907 tokens),
-``celllm`` (the cellLM_ctc.json config, 512-d, 10 layers) and, with ``--backbone llama-8b``
+``celllm`` (the cellLM_ctc.json config, 512-d, 10 layers), ``uce-4L`` (the 4-layer release:
+1,280-d, its 145,469 x 5,120 token table inside the checkpoint) and, with ``--backbone llama-8b``
 on a GPU, a random Llama-3-8B-shaped model in bf16 over the same gene sentences.
 
 Each backbone runs through the path ``scdrugmap extract`` takes (source rows of one 4,096-row
 store chunk -> tokenisation in DataLoader workers -> length-sorted batches -> forward -> pool),
 timed per chunk after a warm-up; the Zarr write is left out (store_bench.py measures it).
-Printed per backbone: model load seconds, cells/s, the padded fraction of all positions with
+Printed per backbone: model load seconds, cells/s, the growth of the process's peak RSS while
+loading and embedding (checkpoints are built in a child process; for UCE it bounds what the
+3 GB token table costs), the padded fraction of all positions with
 the engine's length-sorted batches and with the same batch size in store order (ratio in the
 same run), the model FLOPs per cell (counted by torch's FlopCounterMode on 8 cells embedded
 one at a time, so padding is not counted), and on CUDA the MFU against the GPU's dense bf16 peak,
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import sys
 import time
 from pathlib import Path
@@ -108,6 +112,14 @@ def _celllm(folder):
     return save_celllm(folder, _pc9_genes(19379), dim=512, depth=10, heads=16, max_seq_len=6000)
 
 
+def _uce(folder):
+    """The 4-layer release's shapes: a 145,469 x 5,120 token table (3 GB) in the checkpoint."""
+    from official_uce import write_model_files
+
+    return write_model_files(folder, _pc9_genes(25077), all_tokens=False, token_dim=5120, d_model=1280,
+                             d_hid=5120, output_dim=1280, nlayers=4)
+
+
 # name -> (registry name, checkpoint builder, options, batch size on CPU, batch size on CUDA, cells on CPU)
 BACKBONES = {
     "hvg": ("hvg", None, {}, None, None, None),
@@ -119,11 +131,12 @@ BACKBONES = {
     "scgpt": ("scgpt", _scgpt, {}, 16, 128, 96),
     "scfoundation": ("scfoundation", _scfoundation, {}, 4, 32, 16),
     "cellplm": ("cellplm", _cellplm, {}, None, None, None),
+    "uce-4L": ("uce", _uce, {}, 8, 64, 32),
     "scbert": ("scbert", _scbert, {}, 1, 16, 2),
     "celllm": ("celllm", _celllm, {}, 4, 64, 16),
     "llama-8b": ("llm", _llama8b, {"top_k": 100}, 2, 32, 8),
 }
-DEFAULT = ["hvg", "pca", "geneformer-6L", "geneformer-12L", "tgpt", "llm-minilm", "scgpt", "scfoundation",
+DEFAULT = ["hvg", "pca", "uce-4L", "geneformer-6L", "geneformer-12L", "tgpt", "llm-minilm", "scgpt", "scfoundation",
            "cellplm", "scbert", "celllm"]
 
 
@@ -172,7 +185,14 @@ def checkpoint(name: str, builder):
     folder = CACHE / "checkpoints" / name
     if not (folder / "built").exists():
         print(f"  building a random {name} checkpoint ...", flush=True)
-        builder(folder)
+        # in a child process: the builder's memory must not count in the backbone's peak RSS
+        import multiprocessing
+
+        child = multiprocessing.get_context("fork").Process(target=builder, args=(folder,))
+        child.start()
+        child.join()
+        if child.exitcode != 0:
+            raise RuntimeError(f"building the {name} checkpoint failed")
         (folder / "built").write_text("ok")
     return folder
 
@@ -225,6 +245,7 @@ def bench(name: str, store: Store, device: str, workers: int, batch_size: int | 
     # the heaviest models see fewer cells on a CPU (the rate, not the count, is the figure)
     (source,) = _sources(store, ["pc9"])
     n = source.n_cells if device.startswith("cuda") or not cpu_cells else min(cpu_cells, source.n_cells)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
     model = cls(model_dir=model_dir, device=device, batch_size=batch_size, options=options)
     model.prepare(store, [source])
@@ -254,7 +275,9 @@ def bench(name: str, store: Store, device: str, workers: int, batch_size: int | 
         seconds += time.perf_counter() - t
     row = {"backbone": name, "device": device, "cells": n, "dim": model.dim,
            "batch": model.batch_size if neural else "-", "load_s": round(load_s, 1),
-           "cells_per_s": round(n / seconds, 1)}
+           "cells_per_s": round(n / seconds, 1),
+           # growth of the process's peak RSS (KiB on Linux) while loading and embedding
+           "peak_rss_gain_gib": round((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 2**20, 2)}
     if token_counts:
         lengths = np.concatenate(lengths_all)
         sorted_batches, store_batches, offset = [], [], 0

@@ -102,6 +102,18 @@ def load_strict(model_cls, model_dir: Path, what: str, **kwargs):
     return model
 
 
+def key_mismatches(state: dict, expected: dict) -> str:
+    """Why ``state`` would not load strictly into a model whose weights are ``expected`` (name ->
+    shape), in one readable clause naming a few keys of each kind; empty when it would."""
+    shape = {k: tuple(getattr(v, "shape", ("not a tensor",))) for k, v in state.items()}
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    missized = [f"{k} {shape[k]}, expected {tuple(expected[k])}" for k in expected
+                if k in state and shape[k] != tuple(expected[k])]
+    return "; ".join(f"{len(v)} {what} (e.g. {', '.join(v[:3])})" for what, v in
+                     (("missing", missing), ("unexpected", unexpected), ("mis-sized", missized)) if v)
+
+
 def weights_file(model_dir: Path) -> Path:
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (model_dir / name).is_file():

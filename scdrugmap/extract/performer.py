@@ -71,6 +71,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ..errors import UserError
+from .engine import key_mismatches
 
 KERNEL_EPS = 1e-4          # softmax_kernel(eps=1e-4)
 TARGET_SUM = 1e4           # sc.pp.normalize_total(target_sum=1e4)
@@ -287,16 +288,9 @@ def sizes_from_state(state: dict, path: Path, what: str) -> PerformerSizes:
 
 def check_state(state: dict, model, path: Path, fix: str) -> None:
     """Refuse (one line) a state dict with a missing, unexpected or mis-sized key."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    missized = [f"{k} {tuple(state[k].shape)}, expected {expected[k]}" for k in expected
-                if k in state and tuple(state[k].shape) != expected[k]]
-    problems = [f"{len(v)} {what} (e.g. {', '.join(v[:3])})" for what, v in
-                (("missing", missing), ("unexpected", unexpected), ("mis-sized", missized)) if v]
+    problems = key_mismatches(state, {k: tuple(v.shape) for k, v in model.state_dict().items()})
     if problems:
-        raise UserError(f"{path.name} does not match the official layout (strict loading): "
-                        f"{'; '.join(problems)}: {fix}")
+        raise UserError(f"{path.name} does not match the official layout (strict loading): {problems}: {fix}")
 
 
 def load_state(model, state: dict) -> None:

@@ -254,7 +254,7 @@ def _edit_checkpoint(folder, change):
     ("no_gene_index", "OS_scRNA_gene_index.19264.tsv not found"),
     ("missing_key", "does not match scFoundation's MaeAutobin: 1 missing (e.g. decoder.performer.net.layers.0.0"),
     ("unexpected_key", "1 unexpected (e.g. extra.weight)"),
-    ("mis_shaped", "1 mis-shaped (e.g. pos_emb.weight [100, 64] (expected [19267, 64]))"),
+    ("mis_shaped", "1 mis-sized (e.g. pos_emb.weight (100, 64), expected (19267, 64))"),
     ("no_entry", "has no 'cell' entry (it has: gene, rde)"),
     ("short_gene_index", "seq_len is 19266, but short.tsv lists 100 genes"),
     ("not_a_checkpoint", "cannot read"),

@@ -83,7 +83,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ...errors import UserError
-from ..engine import TorchBackbone, sha256_files
+from ..engine import TorchBackbone, key_mismatches, sha256_files
 from ..registry import Option, register
 
 MIN_MATCHED = 0.05        # refuse a dataset when fewer than 5% of its genes are in the gene list
@@ -241,14 +241,9 @@ def check_keys(state: dict, used: dict, cfg: CellPLMConfig, ckpt: Path) -> None:
     expected = {**used, **required}
     if any(k in state for k in decoder):      # the training model's decoder: all of it, or none
         expected.update(decoder)
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    missized = [f"{k} {tuple(state[k].shape)}, config {tuple(expected[k])}" for k in expected
-                if k in state and tuple(state[k].shape) != tuple(expected[k])]
-    problems = [f"{len(v)} {what} (e.g. {', '.join(v[:3])})" for what, v in
-                (("missing", missing), ("unexpected", unexpected), ("mis-sized", missized)) if v]
+    problems = key_mismatches(state, expected)
     if problems:
-        raise UserError(f"{ckpt.name} does not match its config (strict loading): {'; '.join(problems)}: "
+        raise UserError(f"{ckpt.name} does not match its config (strict loading): {problems}: "
                         "use the .best.ckpt released with this .config.json")
 
 

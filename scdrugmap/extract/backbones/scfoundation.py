@@ -69,7 +69,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ...errors import UserError
-from ..engine import CellTokenizer, TorchBackbone, sha256_files
+from ..engine import CellTokenizer, TorchBackbone, key_mismatches, sha256_files
 from ..registry import Option, register
 
 CHECKPOINT = "models.ckpt"
@@ -171,15 +171,9 @@ def build_model(cfg: Config, device="meta"):
 
 def check_keys(expected: dict, state: dict, where: str) -> None:
     """The strict load's test, as one readable line: missing, unexpected and mis-shaped keys."""
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    shape = {k: tuple(getattr(v, "shape", ("not a tensor",))) for k, v in state.items()}
-    shaped = [f"{k} {list(shape[k])} (expected {list(expected[k])})" for k in expected
-              if k in state and shape[k] != expected[k]]
-    if missing or unexpected or shaped:
-        parts = [f"{len(v)} {what} (e.g. {', '.join(v[:3])})"
-                 for what, v in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shaped)) if v]
-        raise UserError(f"{where} does not match scFoundation's MaeAutobin: {'; '.join(parts)}")
+    problems = key_mismatches(state, expected)
+    if problems:
+        raise UserError(f"{where} does not match scFoundation's MaeAutobin: {problems}")
 
 
 def value_embedding(token_emb, values, cfg: Config):

@@ -94,7 +94,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ...errors import UserError
-from ..engine import CellTokenizer, TorchBackbone, sha256_files
+from ..engine import CellTokenizer, TorchBackbone, key_mismatches, sha256_files
 from ..registry import Option, register
 
 # eval_single_anndata.py argparse defaults and evaluate.py constants
@@ -244,15 +244,9 @@ def official_keys(dims: Dims) -> dict:
 
 def check_state(state: dict, dims: Dims, path: Path) -> None:
     """Refuse (one line) a state dict with a missing, unexpected or mis-sized key."""
-    expected = official_keys(dims)
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    missized = [f"{k} {tuple(state[k].shape)}, expected {expected[k]}" for k in expected
-                if k in state and tuple(state[k].shape) != expected[k]]
-    problems = [f"{len(v)} {what} (e.g. {', '.join(v[:3])})" for what, v in
-                (("missing", missing), ("unexpected", unexpected), ("mis-sized", missized)) if v]
+    problems = key_mismatches(state, official_keys(dims))
     if problems:
-        raise UserError(f"{path.name} does not match the official UCE model (strict loading): {'; '.join(problems)}: "
+        raise UserError(f"{path.name} does not match the official UCE model (strict loading): {problems}: "
                         "use a released UCE checkpoint")
 
 
