@@ -34,6 +34,7 @@ test: $(FULL)
 bench: $(FULL)
 	$(BIN)/python benchmarks/store_bench.py
 	$(BIN)/python benchmarks/probe_bench.py
+	$(BIN)/python benchmarks/share_bench.py
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache

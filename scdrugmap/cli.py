@@ -11,7 +11,9 @@ from . import __version__
 from .errors import UserError
 from .store.arrays import DEFAULT_CHUNK_ROWS
 
-STORE_HELP = "Store directory (or set SCDRUGMAP_STORE)."
+STORE_HELP = ("Store directory, or a read-only store URL (s3://bucket/prefix, https://host/path); "
+              "or set SCDRUGMAP_STORE.")
+VERBOSE = "scdrugmap.verbose"          # ctx.meta: the stores whose bytes read --verbose prints
 
 
 class Main(click.Group):
@@ -19,21 +21,52 @@ class Main(click.Group):
 
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            result = super().invoke(ctx)
         except UserError as e:
             click.echo(f"Error: {e}", err=True)
             sys.exit(e.exit_code)
+        for store in ctx.meta.get(VERBOSE) or []:
+            click.echo(store.io_summary(), err=True)
+        return result
+
+
+class StoreLocation(click.ParamType):
+    """A store directory (a Path) or a store URL (kept as a string: a Path would mangle '//')."""
+
+    name = "DIR|URL"
+
+    def convert(self, value, param, ctx):
+        from .store.store import is_url, local_path
+
+        if isinstance(value, Path):
+            return value
+        return str(value) if is_url(str(value)) else local_path(str(value))
 
 
 def store_option(f):
     return click.option("--store", "store_path", envvar="SCDRUGMAP_STORE", required=True,
-                        type=click.Path(file_okay=False, path_type=Path), help=STORE_HELP)(f)
+                        type=StoreLocation(), help=STORE_HELP)(f)
+
+
+def verbose_option(f):
+    """--verbose: after the command, print the bytes read from the store (index download, chunks)."""
+    def remember(ctx, param, value):
+        if value:
+            ctx.meta.setdefault(VERBOSE, [])
+        return value
+
+    return click.option("--verbose", is_flag=True, expose_value=False, callback=remember,
+                        help="Also print the bytes read from the store (index download and embedding chunks).")(f)
 
 
 def open_store(path):
     from .store.store import Store
 
-    return Store.open(path)
+    store = Store.open(path)
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and VERBOSE in ctx.meta:
+        ctx.meta[VERBOSE].append(store)
+    return store
 
 
 def print_table(frame, title: str | None = None, floatfmt: str = "{:.3f}") -> None:
@@ -215,6 +248,7 @@ def backbones():
 @click.option("--parquet", "parquet_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write a Parquet file.")
 @click.option("--max-rows", default=50, show_default=True, help="Rows printed (files get all).")
+@verbose_option
 def query(store_path, sql, csv_path, parquet_path, max_rows):
     """Run one read-only SQL SELECT on the store's index.
 
@@ -225,6 +259,7 @@ def query(store_path, sql, csv_path, parquet_path, max_rows):
     Examples:
       scdrugmap query --store st "SELECT dataset, label, count(*) FROM cohort GROUP BY ALL"
       scdrugmap query --store st "SELECT * FROM provenance" --csv provenance.csv
+      scdrugmap query --store s3://bucket/st "SELECT dataset, n_cells FROM datasets" --verbose
     """
     store = open_store(store_path)
     frame = store.sql(sql)
@@ -256,14 +291,17 @@ def query(store_path, sql, csv_path, parquet_path, max_rows):
 @click.option("--jobs", default=1, show_default=True, type=click.IntRange(1),
               help="Splits fitted in parallel processes (one thread each).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
+@verbose_option
 def probe(store_path, backbones, heads, protocols, group_by, where, seed, positive, jobs, quiet):
     """Train heads on stored embeddings and score them (CPU only, no torch needed).
 
     Every run is stored (probe_runs, probe_results); the same seed gives the same results.
+    On a store opened by URL (read-only) the results are printed, not stored.
 
     \b
     Examples:
       scdrugmap probe --store st --backbone pca --head lr --head lgbm --protocol pooled
+      scdrugmap probe --store https://host/st --backbone pca --where "dataset = 'gbm'" --verbose
       scdrugmap probe --store st --backbone hvg --protocol cross --where "therapy = 'Targeted therapy'"
       scdrugmap probe --store st --backbone pca --group-by none   # the paper's cell-level split
     """
@@ -289,6 +327,7 @@ def probe(store_path, backbones, heads, protocols, group_by, where, seed, positi
 @click.option("--metric", default="f1", show_default=True, help="Metric to rank by.")
 @click.option("--protocol", type=click.Choice(["pooled", "cross", "zero-shot"]), help="Only this protocol.")
 @click.option("--where", "where_runs", help="SQL condition on probe_runs (e.g. \"head = 'lr'\").")
+@verbose_option
 def leaderboard(store_path, metric, protocol, where_runs):
     """Backbones x heads ranked by a metric (latest run of each configuration).
 
@@ -441,4 +480,20 @@ def demo(out, seed):
 
 
 if __name__ == "__main__":
-    main()
+    # 'python -m scdrugmap.cli' runs this file as __main__, a second copy of the module; the
+    # commands below live in their own modules, which import scdrugmap.cli and register there:
+    # run that module's main (registering them here would import this file twice, circularly)
+    from scdrugmap.cli import main as _package_main
+
+    sys.exit(_package_main())
+
+from .cli_finetune import finetune  # noqa: E402  (the command lives in its own module)
+
+main.add_command(finetune)
+
+# ---- store sharing: store info/pack/verify/unpack/merge/migrate, export, import-embeddings ----
+from .cli_store import export, import_embeddings, store_group  # noqa: E402
+
+main.add_command(store_group)
+main.add_command(export)
+main.add_command(import_embeddings)

@@ -85,3 +85,46 @@ def copy_of(tmp_path):
         shutil.copy(path, dst)
         return dst
     return make
+
+
+SMALL_DATASETS, SMALL_CELLS, SMALL_CHUNK = 10, 80, 40
+
+
+def build_small_store(root: Path, n_datasets: int = SMALL_DATASETS, cells: int = SMALL_CELLS,
+                      chunk_rows: int = SMALL_CHUNK, seed: int = 0, probe: bool = True) -> Path:
+    """Simulated sources in ``root/data`` and a store in ``root/store``: ``pca`` in chunks of
+    ``chunk_rows`` rows and (with ``probe``) one stored probe run. About 2 s."""
+    from scdrugmap.demo import demo_genes
+    from scdrugmap.extract.runner import extract
+    from scdrugmap.probe.run import run_probe
+    from scdrugmap.simulate import simulate_cohort, write_cohort
+    from scdrugmap.store.ingest import IngestRequest, ingest
+    from scdrugmap.store.store import Store
+
+    cohort = simulate_cohort(n_datasets=n_datasets, cells_per_dataset=cells, samples_per_dataset=4,
+                             genes=demo_genes(1000), seed=seed)
+    for (name, _, meta), path in zip(cohort, write_cohort(cohort, root / "data")):
+        ingest(root / "store", IngestRequest(
+            file=path, dataset=name, label_col="response", sample_col="sample_id", patient_col="patient_id",
+            context={k: meta.get(k) for k in ("drug", "cancer_type", "tissue", "therapy", "regimen")}))
+    store = Store.open(root / "store")
+    extract(store, "pca", chunk_rows=chunk_rows, show_progress=False)
+    if probe:
+        run_probe(store, "pca", head="lr", protocol="pooled", seed=0, show_progress=False)
+    return root / "store"
+
+
+@pytest.fixture(scope="session")
+def small_store(tmp_path_factory) -> Path:
+    """A simulated store (10 datasets x 80 cells, pca in 2 chunks per dataset, one probe run),
+    built once per test worker. Read it only: ``store_copy()`` gives a copy to change."""
+    return build_small_store(tmp_path_factory.mktemp("small"))
+
+
+@pytest.fixture
+def store_copy(small_store, tmp_path):
+    def make(name: str = "st") -> Path:
+        dst = tmp_path / name
+        shutil.copytree(small_store, dst)
+        return dst
+    return make

@@ -150,6 +150,42 @@ class TorchBackbone(Backbone):
         ``inputs`` holds the padded per-token inputs named in :attr:`pad_values`."""
         raise NotImplementedError
 
+    # -- fine-tuning (``scdrugmap finetune``) ------------------------------------------------
+    # Default LoRA targets: regular expressions, each matched against the end of the dotted names
+    # of ``self.model``'s modules, from a name boundary on (``query`` matches
+    # ``encoder.layer.0.attention.self.query``). Only modules that the forward pass of
+    # :meth:`finetune_embed` *calls* may be named: peft's LoRA layer replaces the module, so a
+    # weight read functionally (``F.linear(x, m.weight)``, or ``nn.MultiheadAttention``'s fused
+    # path) would never see the adapter. The gradient check of :mod:`scdrugmap.finetune.adapters`
+    # proves the defaults for every registered backbone (tests/finetune).
+    lora_attention: tuple = ()    # attention projections (``--target-modules attention``, the default)
+    lora_mlp: tuple = ()          # feed-forward layers (``--target-modules mlp``)
+    finetune_batch_size: int | None = None   # cells per training step (default: default_batch_size)
+
+    def lora_unused(self) -> tuple:
+        """Module-name prefixes of ``self.model`` whose output never reaches the embedding (e.g.
+        layers after the pooled one): left out of the default targets, since their adapters could
+        not learn anything."""
+        return ()
+
+    def finetune_cells(self, source, block: sp.csr_matrix):
+        """The cells of ``block`` ready for training: item ``i`` is ``(i, inputs)``, and
+        ``lengths()`` gives every cell's token count (for length-aware batching)."""
+        return _CellTokens(block, self.cell_tokenizer(source))
+
+    def finetune_collate(self):
+        """Collates items of :meth:`finetune_cells` into a batch for :meth:`finetune_embed`."""
+        return _Pad(self.pad_id, self.pad_values)
+
+    def finetune_embed(self, batch):
+        """A collated batch -> ``(batch, dim)`` cell embeddings, the same computation as extraction
+        (:meth:`pool`) but differentiable: the caller decides on ``torch.no_grad`` and autocast."""
+        _, ids, mask, inputs = batch
+        ids = ids.to(self.device, non_blocking=True)
+        mask = mask.to(self.device, non_blocking=True)
+        inputs = {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()}
+        return self.pool(ids, mask, **inputs)
+
     # -- engine --------------------------------------------------------------------------
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
@@ -217,6 +253,29 @@ class TorchBackbone(Backbone):
     def params(self) -> dict:
         return {**super().params(), "precision": self.precision, "batch_size": self.batch_size,
                 "batching": "length-sorted within each store chunk, right padding"}
+
+
+def official_in_proj_names(module) -> None:
+    """Store and load ``module.in_proj`` (an ``nn.Linear`` holding the packed q, k, v projection)
+    under ``nn.MultiheadAttention``'s names ``in_proj_weight`` / ``in_proj_bias``.
+
+    The released scGPT, scFoundation and UCE checkpoints use those names. Holding the projection
+    as a module, not as two parameters read with ``F.linear``, lets LoRA (peft) wrap it: an
+    adapter on a weight that is read functionally never receives a gradient."""
+    renames = (("in_proj.weight", "in_proj_weight"), ("in_proj.bias", "in_proj_bias"))
+
+    def saved(mod, state, prefix, local_metadata):
+        for ours, official in renames:
+            if prefix + ours in state:
+                state[prefix + official] = state.pop(prefix + ours)
+
+    def loading(mod, state, prefix, local_metadata, strict, missing, unexpected, errors):
+        for ours, official in renames:
+            if prefix + official in state:
+                state[prefix + ours] = state.pop(prefix + official)
+
+    module.register_state_dict_post_hook(saved)
+    module.register_load_state_dict_pre_hook(loading)
 
 
 def masked_mean(hidden, mask):

@@ -74,6 +74,9 @@ from ..errors import UserError
 from .engine import key_mismatches
 
 KERNEL_EPS = 1e-4          # softmax_kernel(eps=1e-4)
+# LoRA targets of both backbones (``scdrugmap finetune``): every projection is called as a module
+LORA_ATTENTION = (r"layers\.\d+\.0\.fn\.to_(q|k|v|out)",)
+LORA_MLP = (r"layers\.\d+\.1\.fn\.fn\.w[12]",)
 TARGET_SUM = 1e4           # sc.pp.normalize_total(target_sum=1e4)
 MIN_MATCHED = 0.05         # refuse a dataset when fewer than 5% of the genes that could match do
 

@@ -21,7 +21,7 @@ from ..errors import UserError
 from ..progress import progress_bar
 from ..store import arrays
 from ..store import source as src
-from ..store.store import Store, now
+from ..store.store import Store, insert_provenance, now
 from . import registry
 from .world import World
 
@@ -96,6 +96,7 @@ def extract(store: Store, backbone: str, datasets=None, model_dir=None, device: 
     """Embed ``datasets`` (all when None) with ``backbone`` into ``store``."""
     if dtype not in arrays.DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(arrays.DTYPES)}")
+    store.require_writable("extract")
     cls = registry.get(backbone)
     ok, why = cls.availability()
     if not ok:
@@ -168,11 +169,12 @@ def _extract_one(store: Store, model: registry.Backbone, source: DatasetSource, 
             old = con.execute("SELECT array_path FROM provenance WHERE backbone = ? AND dataset = ?",
                               [model.name, source.name]).fetchone()
             con.execute("DELETE FROM provenance WHERE backbone = ? AND dataset = ?", [model.name, source.name])
-            con.execute(
-                "INSERT INTO provenance VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [model.name, source.name, rel, source.n_cells, model.dim, dtype, chunk_rows, __version__,
-                 model.checkpoint_sha256(), source.row["source_sha256"],
-                 json.dumps(params, sort_keys=True, default=str), now()])
+            insert_provenance(con, {
+                "backbone": model.name, "dataset": source.name, "array_path": rel, "n_cells": source.n_cells,
+                "dim": model.dim, "dtype": dtype, "chunk_rows": chunk_rows, "scdrugmap_version": __version__,
+                "checkpoint_sha256": model.checkpoint_sha256(), "source_sha256": source.row["source_sha256"],
+                "params": json.dumps(params, sort_keys=True, default=str), "created_at": now(),
+                "origin": "extracted"})
     except BaseException:
         shutil.rmtree(store.embeddings_path / rel, ignore_errors=True)
         raise

@@ -20,7 +20,7 @@ from ..store.schema import METRIC_COLUMNS
 from ..store.store import Store, check_select, now
 from .evaluate import evaluate
 from .heads import make_head
-from .splits import cross_splits, pooled_splits, resolve_group_by
+from .splits import cohort_splits
 
 PROTOCOLS = ("pooled", "cross")
 # protocols a stored run may have: the probe protocols plus ``scdrugmap zero-shot``'s
@@ -40,6 +40,7 @@ class ProbeRun:
     notes: list = field(default_factory=list)
     method: str = "frozen"
     params: dict = field(default_factory=dict)     # stored as probe_runs.params (JSON)
+    stored: bool = True                            # False on a read-only (URL) store: printed only
 
     def summary_row(self) -> dict:
         ok = self.results[self.results["status"] != "one-class-train"]
@@ -56,41 +57,27 @@ class ProbeRun:
 def run_probe(store: Store, backbone: str, head: str = "lr", protocol: str = "pooled", group_by: str = "auto",
               where: str | None = None, seed: int = 0, positive: str = "resistant", n_splits: int = 5,
               head_params: dict | None = None, n_jobs: int = 1, show_progress: bool = True) -> ProbeRun:
-    """Evaluate ``head`` on ``backbone``'s embeddings of the cells selected by ``where``; stored."""
+    """Evaluate ``head`` on ``backbone``'s embeddings of the cells selected by ``where``; stored
+    (unless the store is a read-only URL store: then ``run.stored`` is False)."""
     if protocol not in PROTOCOLS:
         raise UserError(f"unknown protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}")
     estimator = make_head(head, seed=seed, **(head_params or {}))   # unknown head / params fail here
     resolved = _resolved_params(estimator)
     X, cells = store.load(backbone, where=where, dtype=np.float32)
-    y = (cells["label"].to_numpy() == positive).astype(np.int64)
-    datasets = sorted(cells["dataset"].unique())
-    classes = set(cells["label"])
-    if len(classes) < 2:
-        only = classes.pop()
-        raise UserError(f"the selected cohort ({', '.join(datasets)}) has only {only!r} cells, so there is "
-                        "nothing to classify: add datasets with both classes or widen --where")
-    notes = []
-    single = [d for d, g in cells.groupby("dataset")["label"] if g.nunique() < 2]
-    if single:
-        notes.append(f"dataset(s) {', '.join(single)} have one class only: "
-                     + ("they are scored on the metrics that one class allows" if protocol == "cross"
-                        else "they take part in training and testing but cannot be scored on their own"))
-    if protocol == "pooled":
-        group_name, groups, note = resolve_group_by(group_by, y, _ids(cells["sample"]), _ids(cells["patient"]))
-        if note:
-            notes.append(note)
-        splits = pooled_splits(y, groups, n_splits=n_splits, seed=seed)
-        notes.extend(dict.fromkeys(s.note for s in splits if s.note))
-        group_label = group_name or "none"
-    else:
-        splits = cross_splits(cells["dataset"].to_numpy())
-        group_label = "dataset"
+    cohort = cohort_splits(cells, protocol, group_by, seed, positive, n_splits)   # shared with finetune
+    y, splits, group_label, datasets, notes = cohort.y, cohort.splits, cohort.group_by, cohort.datasets, cohort.notes
     with progress_bar(f"{backbone} · {head} · {protocol}", total=len(splits), enabled=show_progress) as advance:
         records = evaluate(X, y, splits, head, seed=seed, head_params=head_params, n_jobs=n_jobs,
                            progress=lambda record: advance(1))
     run = ProbeRun(uuid.uuid4().hex[:12], backbone, head, protocol, group_label, len(cells), datasets,
                    _results_frame(records), notes, params={"head": resolved, "n_splits": n_splits})
-    _save(store, run, where, seed, positive)
+    if store.read_only:
+        # a URL store is read-only: the run is returned (and printed by the CLI), not stored
+        run.stored = False
+        run.notes.append(f"{store.location} is a read-only remote store: results are shown, not stored "
+                         "(unpack or copy the store to keep runs in it)")
+    else:
+        _save(store, run, where, seed, positive)
     return run
 
 
@@ -118,16 +105,16 @@ def _results_frame(records: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=RESULT_COLUMNS)
 
 
-def _ids(series: pd.Series):
-    return None if series.isna().all() else series.to_numpy()
-
-
-def _save(store: Store, run: ProbeRun, where, seed, positive) -> None:
-    """The run and its per-split results, in one transaction (shared with ``scdrugmap zero-shot``)."""
+def _save(store: Store, run: ProbeRun, where, seed, positive, replace: bool = False) -> None:
+    """The run and its per-split results, in one transaction (shared with ``scdrugmap zero-shot``
+    and ``scdrugmap finetune``); ``replace`` first drops a stored run with the same id."""
     results = run.results[RESULT_COLUMNS].copy()
     results.insert(0, "run_id", run.run_id)
     columns = list(results.columns)
     with store.transaction() as con:
+        if replace:
+            con.execute("DELETE FROM probe_results WHERE run_id = ?", [run.run_id])
+            con.execute("DELETE FROM probe_runs WHERE run_id = ?", [run.run_id])
         con.execute("INSERT INTO probe_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [run.run_id, now(), run.backbone, run.head, run.method, run.protocol, run.group_by, where, seed,
                      positive, run.datasets, run.n_cells, json.dumps(run.params, sort_keys=True),

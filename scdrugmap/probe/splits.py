@@ -201,3 +201,51 @@ def cross_splits(datasets) -> list[Split]:
         Split(str(name), idx[datasets != name], idx[datasets == name])
         for name in names
     ]
+
+
+@dataclass
+class Cohort:
+    """The labels and splits of a selected cohort (:func:`cohort_splits`)."""
+
+    y: np.ndarray                  # 1 = the positive class
+    splits: list
+    group_by: str                  # what whole units the splits hold out: patient | sample | dataset | none
+    groups: np.ndarray | None      # pooled: every cell's group id (None for a cell-level split, and cross)
+    datasets: list
+    notes: list
+
+
+def _ids(series: pd.Series):
+    return None if series.isna().all() else series.to_numpy()
+
+
+def cohort_splits(cells: pd.DataFrame, protocol: str, group_by: str = "auto", seed: int = 0,
+                  positive: str = "resistant", n_splits: int = 5) -> Cohort:
+    """Labels, splits and notes for the cells of a cohort (the store's ``cells`` frame, in store
+    order). Shared by ``scdrugmap probe`` and ``scdrugmap finetune``: the same cohort and seed
+    give both the same folds."""
+    y = (cells["label"].to_numpy() == positive).astype(np.int64)
+    datasets = sorted(cells["dataset"].unique())
+    classes = set(cells["label"])
+    if len(classes) < 2:
+        only = classes.pop()
+        raise UserError(f"the selected cohort ({', '.join(datasets)}) has only {only!r} cells, so there is "
+                        "nothing to classify: add datasets with both classes or widen --where")
+    notes = []
+    single = [d for d, g in cells.groupby("dataset")["label"] if g.nunique() < 2]
+    if single:
+        notes.append(f"dataset(s) {', '.join(single)} have one class only: "
+                     + ("they are scored on the metrics that one class allows" if protocol == "cross"
+                        else "they take part in training and testing but cannot be scored on their own"))
+    groups = None
+    if protocol == "pooled":
+        group_name, groups, note = resolve_group_by(group_by, y, _ids(cells["sample"]), _ids(cells["patient"]))
+        if note:
+            notes.append(note)
+        splits = pooled_splits(y, groups, n_splits=n_splits, seed=seed)
+        notes.extend(dict.fromkeys(s.note for s in splits if s.note))
+        group_label = group_name or "none"
+    else:
+        splits = cross_splits(cells["dataset"].to_numpy())
+        group_label = "dataset"
+    return Cohort(y, splits, group_label, groups, datasets, notes)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import zarr
+import zarr.storage
 from zarr.codecs import BloscCodec
 
 # Rows per chunk. 4,096 rows keeps a chunk of a 512-d float16 embedding at 4 MiB
@@ -138,3 +139,49 @@ def read_rows(array, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndar
         else:                                   # e.g. float16 stored, float32 asked for
             out[a:b] = np.take(block, rows[a:b] - lo, axis=0)
     return out
+
+
+class IOStats:
+    """Bytes a store has read: the index (downloaded once for a URL store) and embedding chunks."""
+
+    def __init__(self):
+        import threading
+
+        self._lock = threading.Lock()
+        self.index_bytes = 0          # bytes of index.duckdb transferred (0 when a cached copy was valid)
+        self.index_cached = False
+        self.chunk_bytes = 0          # bytes of Zarr objects read (chunks and array metadata)
+        self.requests = 0             # Zarr objects read
+
+    def add(self, nbytes: int) -> None:
+        with self._lock:
+            self.chunk_bytes += nbytes
+            self.requests += 1
+
+    @property
+    def total(self) -> int:
+        return self.index_bytes + self.chunk_bytes
+
+
+class CountingStore(zarr.storage.WrapperStore):
+    """A zarr Store wrapper that counts every byte read through it in an :class:`IOStats`."""
+
+    def __init__(self, store, stats: IOStats):
+        super().__init__(store)
+        self.stats = stats
+
+    def _with_store(self, store):
+        return type(self)(store, self.stats)
+
+    async def get(self, key, prototype, byte_range=None):
+        buf = await self._store.get(key, prototype, byte_range)
+        if buf is not None:
+            self.stats.add(len(buf))
+        return buf
+
+    async def get_partial_values(self, prototype, key_ranges):
+        bufs = await self._store.get_partial_values(prototype, key_ranges)
+        for buf in bufs:
+            if buf is not None:
+                self.stats.add(len(buf))
+        return bufs

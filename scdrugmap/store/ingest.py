@@ -19,7 +19,7 @@ from .. import __version__
 from ..errors import UserError
 from . import source as src
 from .schema import CELL_CORE_COLUMNS, COHORT_VIEW, DATASET_CONTEXT_COLUMNS
-from .store import Store, now
+from .store import Store, is_url, local_path, now
 
 DATASET_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
@@ -189,8 +189,10 @@ def validate(req: IngestRequest, show_progress: bool = False):
 
 
 def ingest(store_path, req: IngestRequest, show_progress: bool = False) -> IngestReport:
+    if is_url(store_path):
+        raise UserError(f"{store_path} is a URL: stores opened by URL are read-only; ingest into a local store")
     dataset_row, cells, warnings = validate(req, show_progress)
-    store_path = Path(store_path)
+    store_path = local_path(store_path)
     existed = store_path.exists() and (store_path / "index.duckdb").exists()
     store = Store.open(store_path) if existed else None
     if store is not None:

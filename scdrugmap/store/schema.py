@@ -1,10 +1,11 @@
 """The DuckDB index schema (see docs/store-format.md for the on-disk format).
 
 Every table is plain SQL so that a user can read a store with nothing but DuckDB.
-``SCHEMA_VERSION`` is bumped whenever a table changes shape.
+``SCHEMA_VERSION`` is bumped whenever a table changes shape, together with a migration from
+the previous version in :mod:`.migrations` (stores are migrated when opened).
 """
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Cell columns every dataset has; extra ``obs`` columns are added beside them at ingest.
 CELL_CORE_COLUMNS = ("dataset", "row", "obs_name", "label", "label_raw", "sample", "patient")
@@ -68,6 +69,7 @@ DDL = [
         source_sha256 VARCHAR NOT NULL,
         params VARCHAR NOT NULL,            -- JSON of every preprocessing / model parameter
         created_at TIMESTAMP NOT NULL,
+        origin VARCHAR NOT NULL DEFAULT 'extracted',  -- extracted (scdrugmap extract) | external (import-embeddings)
         PRIMARY KEY (backbone, dataset)
     )""",
     """CREATE TABLE probe_runs (

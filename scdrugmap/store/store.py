@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import pandas as pd
+import zarr
 
 from .. import __version__
 from ..errors import UserError
@@ -26,6 +28,33 @@ from .schema import COHORT_VIEW, DDL, SCHEMA_VERSION
 INDEX = "index.duckdb"
 EMBEDDINGS = "embeddings.zarr"
 ALLOWED_STATEMENTS = {"SELECT", "EXPLAIN"}
+# Columns of ``provenance`` in table order; write rows by name (insert_provenance), never by position.
+PROVENANCE_COLUMNS = ("backbone", "dataset", "array_path", "n_cells", "dim", "dtype", "chunk_rows",
+                      "scdrugmap_version", "checkpoint_sha256", "source_sha256", "params", "created_at", "origin")
+_URL_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def is_url(path) -> bool:
+    """True for 's3://...', 'https://...' and other fsspec URLs (a 'file://' URL is a local path)."""
+    m = _URL_RE.match(path) if isinstance(path, str) else None
+    return bool(m) and m.group(1).lower() != "file"
+
+
+def local_path(path) -> Path:
+    """``path`` as a local Path ('file://' stripped)."""
+    if isinstance(path, str) and path.lower().startswith("file://"):
+        path = path[len("file://"):]
+    return Path(path)
+
+
+def insert_provenance(con, row: dict) -> None:
+    """Insert one provenance row by column name (``origin`` defaults to 'extracted')."""
+    cols = [c for c in PROVENANCE_COLUMNS if c in row]
+    unknown = set(row) - set(PROVENANCE_COLUMNS)
+    if unknown:
+        raise ValueError(f"unknown provenance columns {sorted(unknown)}")
+    con.execute(f"INSERT INTO provenance ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                [row[c] for c in cols])
 
 
 def now() -> datetime:
@@ -47,6 +76,10 @@ def check_select(query: str, what: str = "query") -> None:
         raise UserError(f"the {what} is a {kind} statement: the store is read-only here, only SELECT is allowed")
 
 
+def _mb(n: int) -> str:
+    return f"{n:,} B" if n < 1e6 else f"{n / 1e6:,.2f} MB"
+
+
 def _first_line(err: Exception) -> str:
     text = " ".join(str(err).split("\n")[:1]).strip()
     return text or type(err).__name__
@@ -60,27 +93,77 @@ class Store:
     >>> X, cells = store.load("pca", where="cancer_type = 'Lung cancer'")  # doctest: +SKIP
     """
 
+    read_only = False      # True for stores opened by URL (scdrugmap.store.remote)
+
     def __init__(self, path):
         self.path = Path(path)
         self.index_path = self.path / INDEX
         self.embeddings_path = self.path / EMBEDDINGS
+        self.io = arrays.IOStats()
+        self.migrated: list = []          # schema migrations applied when this store was opened
+
+    @property
+    def location(self) -> str:
+        """Where the store is, as the user named it (a directory or a URL)."""
+        return str(self.path)
+
+    @property
+    def bytes_read(self) -> int:
+        """Bytes read so far through this Store: the index download (URL stores) and embedding chunks."""
+        return self.io.total
 
     # ---- opening -------------------------------------------------------------------------
     @classmethod
-    def open(cls, path) -> "Store":
-        """Open an existing store; a clear error if ``path`` is not one."""
-        path = Path(path)
+    def open(cls, path, storage_options: dict | None = None, cache_dir=None) -> "Store":
+        """Open an existing store; a clear error if ``path`` is not one.
+
+        ``path`` is a directory, or a URL ('s3://bucket/prefix', 'https://host/path', any
+        fsspec URL): a URL store is read-only, its index is downloaded once into a local cache
+        (``cache_dir``, default $SCDRUGMAP_CACHE_DIR or ~/.cache/scdrugmap) and only the
+        embedding chunks of the selected rows are read (see :mod:`scdrugmap.store.remote`).
+        ``storage_options`` go to fsspec (e.g. ``{"anon": True}`` or an ``endpoint_url``).
+        A store of an older schema version is migrated; a newer one is refused.
+        """
+        if is_url(path):
+            from .remote import RemoteStore
+
+            return RemoteStore.open_url(path, storage_options=storage_options, cache_dir=cache_dir)
+        path = local_path(path)
         store = cls(path)
         if not path.exists():
             raise UserError(f"store {path} does not exist: create it with 'scdrugmap ingest ... --store {path}'")
         if not path.is_dir() or not store.index_path.is_file():
             raise UserError(f"{path} is not a scdrugmap store (no {INDEX}): point --store at a store directory")
-        version = store._schema_version()
-        if version > SCHEMA_VERSION:
-            raise UserError(
-                f"store {path} has schema version {version}, newer than this scdrugmap's {SCHEMA_VERSION}: "
-                "upgrade scdrugmap")
+        store._check_schema()
         return store
+
+    def _check_schema(self) -> None:
+        """Refuse a newer schema; migrate an older one (in place: the index file is local)."""
+        from . import migrations
+
+        version = self._schema_version()
+        migrations.check_version(version, f"store {self.location}")
+        if version < SCHEMA_VERSION:
+            self.migrated = migrations.migrate(self.index_path, version, self.location)
+
+    def require_writable(self, action: str) -> None:
+        """A clear error when ``action`` would write to a read-only (URL) store."""
+
+    def io_summary(self) -> str:
+        """One line: the bytes this Store has read (``--verbose`` prints it)."""
+        io = self.io
+        parts = []
+        if self.read_only:
+            size = getattr(self, "index_size", 0)
+            parts.append(f"index {_mb(size)} (cached copy, nothing transferred)" if io.index_cached
+                         else f"index {_mb(io.index_bytes)} downloaded")
+        parts.append(f"embeddings {_mb(io.chunk_bytes)} in {io.requests:,} objects")
+        return f"bytes read from {self.location}: {_mb(io.total)} ({', '.join(parts)})"
+
+    def array_nbytes(self, rel: str) -> int | None:
+        """Bytes of one embedding array on disk."""
+        root = self.embeddings_path / rel
+        return sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) if root.exists() else None
 
     @classmethod
     def create(cls, path) -> "Store":
@@ -109,7 +192,10 @@ class Store:
 
     @classmethod
     def open_or_create(cls, path) -> "Store":
-        path = Path(path)
+        if is_url(path):
+            raise UserError(f"{path} is a URL: stores opened by URL are read-only, create a store in a local "
+                            "directory")
+        path = local_path(path)
         if path.exists() and (path / INDEX).exists():
             return cls.open(path)
         return cls.create(path)
@@ -122,7 +208,7 @@ class Store:
             raise UserError(f"{self.path} is not a scdrugmap store (unreadable index): "
                             "point --store at a store directory") from None
         if row is None:
-            raise UserError(f"{self.path} is not a scdrugmap store (no schema version)")
+            raise UserError(f"{self.location} is not a scdrugmap store (no schema version)")
         return int(row[0])
 
     # ---- connections ---------------------------------------------------------------------
@@ -214,6 +300,13 @@ class Store:
         with self.connect() as con:
             return [r[0] for r in con.execute("SELECT DISTINCT backbone FROM provenance ORDER BY 1").fetchall()]
 
+    def open_array(self, rel: str):
+        """The embedding array at ``rel`` (a ``provenance.array_path``), read-only, its reads counted."""
+        from zarr.storage import LocalStore
+
+        root = arrays.CountingStore(LocalStore(str(self.embeddings_path), read_only=True), self.io)
+        return zarr.open_array(store=root, path=rel, mode="r", zarr_format=3)
+
     def load(self, backbone: str, where: str | None = None, datasets=None,
              dtype=None) -> tuple[np.ndarray, pd.DataFrame]:
         """Embeddings of the selected cells, row-aligned with the returned cells frame.
@@ -251,7 +344,7 @@ class Store:
 
         def read(dataset):
             lo, hi = bounds[dataset]
-            arr = arrays.open_array(self.embeddings_path, prov.loc[dataset, "array_path"])
+            arr = self.open_array(prov.loc[dataset, "array_path"])
             arrays.read_rows(arr, rows[lo:hi], out=X[lo:hi])
 
         # datasets are read concurrently (decoding releases the GIL); each fills its own rows
@@ -269,10 +362,15 @@ class Store:
         obs.index.name = None
         for col in obs.columns:
             if obs[col].dtype == object:
-                obs[col] = obs[col].astype("string").astype(object).where(obs[col].notna(), None)
+                if obs[col].isna().all():       # h5ad cannot write an object column of nothing but None
+                    obs[col] = pd.Categorical([None] * len(obs))
+                else:
+                    obs[col] = obs[col].astype("string").astype(object).where(obs[col].notna(), None)
         adata = ad.AnnData(obs=obs)
         adata.obsm[f"X_{backbone}"] = X
+        # provenance as one JSON string (records with nulls cannot be written to .h5ad otherwise)
+        prov = self.provenance(backbone)
+        prov = prov[prov["dataset"].isin(set(cells["dataset"]))]
         adata.uns["scdrugmap"] = {"backbone": backbone, "where": where or "",
-                                  "provenance": json.loads(self.provenance(backbone).to_json(orient="records",
-                                                                                             date_format="iso"))}
+                                  "provenance": prov.to_json(orient="records", date_format="iso")}
         return adata

@@ -79,6 +79,7 @@ def run_zero_shot(store: Store, where: str | None = None, datasets=None, model: 
     them; without ``confirm`` that is an error. Returns the stored run.
     """
     _check_args(top_n, cells_per_request, concurrency, max_cells, retries, retry_delay, positive)
+    store.require_writable("zero-shot (it caches answers and stores its run)")
     base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
     api_key = api_key or os.environ.get("OPENAI_API_KEY") or None
     names = store.require_datasets(list(datasets or []))

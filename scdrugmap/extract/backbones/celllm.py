@@ -66,9 +66,9 @@ import scipy.sparse as sp
 
 from ...errors import UserError
 from ..engine import CellTokenizer, TorchBackbone, sha256_files
-from ..performer import (GeneMatch, PerformerSizes, build_performer, check_state, default_nb_features,
-                         expression_bins, find_file, load_state, log2_normalised, model_folder, read_checkpoint,
-                         read_gene_list)
+from ..performer import (LORA_ATTENTION, LORA_MLP, GeneMatch, PerformerSizes, build_performer, check_state,
+                         default_nb_features, expression_bins, find_file, load_state, log2_normalised, model_folder,
+                         read_checkpoint, read_gene_list)
 from ..registry import Option, register
 
 NO_GENE_LIST = ("cellLM's gene order (gene_num genes) is not published with OpenBioMed: pass --option gene_list=FILE "
@@ -168,6 +168,10 @@ class CellLM(TorchBackbone):
                                 "gene_list*.txt in --model-dir)"),
         "trust_checkpoint": Option(False, "unpickle the checkpoint fully (only for a file you trust)", bool),
     }
+
+    # LoRA targets (``scdrugmap finetune``): the Performer's q, k, v, output and feed-forward projections
+    lora_attention = LORA_ATTENTION
+    lora_mlp = LORA_MLP
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)

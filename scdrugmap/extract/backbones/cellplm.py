@@ -416,6 +416,29 @@ class GeneMatch:
         return out
 
 
+class _CellRows:
+    """The rows of a prepared block, one item per cell (fine-tuning)."""
+
+    def __init__(self, x: sp.csr_matrix):
+        self.x = x
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def lengths(self) -> np.ndarray:
+        return np.ones(self.x.shape[0], dtype=np.int64)
+
+    def __getitem__(self, i: int):
+        return i, self.x[i]
+
+
+def _stack_rows(items):
+    """Collate ``(index, 1-row CSR)`` items: the indices and the rows stacked in batch order."""
+    import torch
+
+    return torch.tensor([i for i, _ in items]), sp.csr_matrix(sp.vstack([row for _, row in items]))
+
+
 # ---- the backbone ---------------------------------------------------------------------------
 @register
 class CellPLM(TorchBackbone):
@@ -431,6 +454,13 @@ class CellPLM(TorchBackbone):
         "batch_cells": Option(DEFAULT_BATCH_CELLS, "cells per forward pass; they attend to each other "
                                                    "(consecutive store rows, never across store chunks)", int),
     }
+
+    # LoRA targets (``scdrugmap finetune``): the flow attention's four projections and the encoder
+    # layers' feed-forward layers
+    lora_attention = (r"self_attn\.(query|key|value|out)_projection",)
+    lora_mlp = (r"_ff_block\.[03]",)
+    # cells per training step: they attend to each other, as in an embedding batch
+    finetune_batch_size = 256
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
@@ -537,6 +567,22 @@ class CellPLM(TorchBackbone):
                 emb = embed_cells(self.model, sparse_tensor(x[lo:hi]).to(self.device), self.cfg.heads)
                 out[lo:hi] = emb.float().cpu().numpy()
         return out
+
+    # -- fine-tuning ----------------------------------------------------------------------------
+    def finetune_cells(self, source, block):
+        """A cell's input is its row of log1p counts over the model's genes (no tokens): every
+        cell has length 1, so scoring batches are runs of ``--batch-size`` consecutive cells in
+        store order (extraction: near-equal groups of a store chunk) and training batches random
+        sets of cells; the cells of a batch attend to each other."""
+        return _CellRows(self.matching(source).prepare(block))
+
+    def finetune_collate(self):
+        return _stack_rows
+
+    def finetune_embed(self, batch):
+        """The cells of the batch attend to each other (one flow-attention sequence)."""
+        _, x = batch
+        return embed_cells(self.model, sparse_tensor(x).to(self.device), self.cfg.heads)
 
     def dataset_params(self, source) -> dict:
         return dict(self.matching(source).facts)

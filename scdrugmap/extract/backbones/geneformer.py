@@ -102,6 +102,11 @@ class Geneformer(TorchBackbone):
         "dictionaries": Option("", "folder with token_dictionary*.pkl etc. (default: --model-dir)"),
     }
 
+    # LoRA targets (``scdrugmap finetune``): BERT's q, k, v and attention output projections; its
+    # intermediate and output dense layers
+    lora_attention = (r"attention\.self\.(query|key|value)", r"attention\.output\.dense")
+    lora_mlp = (r"intermediate\.dense", r"layer\.\d+\.output\.dense")
+
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         from transformers import AutoConfig
@@ -187,6 +192,11 @@ class Geneformer(TorchBackbone):
             return RankValueTokenizer(collapse, token_ids, medians, self.input_size - 2,
                                       int(self.tokens["<cls>"]), int(self.tokens["<eos>"]))
         return RankValueTokenizer(collapse, token_ids, medians, self.input_size, None, None)
+
+    def lora_unused(self) -> tuple:
+        """The layers after the pooled hidden state (the last one, with the default ``layer=-1``)."""
+        used = self.n_layers + self.config["layer"]          # hidden_states[i] is the output of layer i - 1
+        return tuple(f"encoder.layer.{i}." for i in range(used, self.n_layers))
 
     # -- pooling ---------------------------------------------------------------------------
     def pool(self, input_ids, attention_mask):

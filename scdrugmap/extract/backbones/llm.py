@@ -57,6 +57,17 @@ class GeneSentenceLLM(TorchBackbone):
                "top_k": Option(100, "genes per cell sentence", int),
                "max_tokens": Option(512, "token limit of a sentence (truncated beyond)", int)}
 
+    # LoRA targets (``scdrugmap finetune``): the attention and feed-forward projections under the
+    # names the common Hugging Face architectures give them (Llama/Mistral/Qwen/OPT ``*_proj``,
+    # BERT, GPT-2, GPT-NeoX/Falcon/BLOOM ``query_key_value``, Phi ``Wqkv``/``fc1``/``fc2``, ...); a
+    # model that names them otherwise needs ``--target-modules`` (the error lists its layers).
+    lora_attention = (r"(q|k|v|o|qkv)_proj", r"attention\.self\.(query|key|value)", r"attention\.output\.dense",
+                      r"attn\.c_attn", r"attn\.c_proj", r"query_key_value", r"Wqkv", r"self_attn\.out_proj",
+                      r"attention\.dense", r"attn\.out_proj")
+    lora_mlp = (r"(gate|up|down|gate_up)_proj", r"intermediate\.dense", r"layer\.\d+\.output\.dense",
+                r"mlp\.c_fc", r"mlp\.c_proj", r"fc1", r"fc2", r"dense_h_to_4h", r"dense_4h_to_h", r"mlp\.fc_in",
+                r"mlp\.fc_out")
+
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         from transformers import AutoConfig, AutoModel, AutoTokenizer

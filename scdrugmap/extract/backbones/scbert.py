@@ -56,8 +56,9 @@ import scipy.sparse as sp
 
 from ...errors import UserError
 from ..engine import CellTokenizer, TorchBackbone, sha256_files
-from ..performer import (GeneMatch, build_performer, check_state, expression_bins, find_file, load_state,
-                         log2_normalised, model_folder, read_checkpoint, read_gene_list, sizes_from_state)
+from ..performer import (LORA_ATTENTION, LORA_MLP, GeneMatch, build_performer, check_state, expression_bins,
+                         find_file, load_state, log2_normalised, model_folder, read_checkpoint, read_gene_list,
+                         sizes_from_state)
 from ..registry import Option, register
 
 GENE_LIST_PATTERNS = ("panglao_10000.h5ad", "gene_list*.txt")
@@ -100,6 +101,11 @@ class ScBERT(TorchBackbone):
                                 "line (default: panglao_10000.h5ad or gene_list*.txt in --model-dir)"),
         "trust_checkpoint": Option(False, "unpickle the checkpoint fully (only for a file you trust)", bool),
     }
+
+    # LoRA targets (``scdrugmap finetune``): the Performer's q, k, v, output and feed-forward
+    # projections (not the masked-LM head ``to_out``, never run)
+    lora_attention = LORA_ATTENTION
+    lora_mlp = LORA_MLP
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)

@@ -19,7 +19,9 @@ weights load unchanged from the release's ``models.ckpt``. Each choice and its o
   encoder is ``pytorchTransformerModule``: ``depth`` stock ``nn.TransformerEncoderLayer`` (post-norm,
   ReLU, feed-forward ``4 * hidden_dim``, ``batch_first``) and a final ``LayerNorm``. Sizes come from
   the checkpoint's config (released model: 768-d, 12 layers, 12 heads; like ``select_module``, the
-  encoder ignores the config's ``norm_first`` and ``dim_head``). The performer decoder,
+  encoder ignores the config's ``norm_first`` and ``dim_head``). The layers hold the stock layer's
+  weights under its names, with the packed q/k/v projection as an ``nn.Linear`` (so that LoRA can
+  wrap it, ``scdrugmap finetune``). The performer decoder,
   ``decoder_embed``, ``norm`` and ``to_final`` are declared with the official names and shapes
   (parameters and buffers only, ``projection_matrix`` and ``calls_since_last_redraw`` included)
   so that the strict load accepts the file, but are never run: the cell embedding does not use them.
@@ -40,9 +42,9 @@ weights load unchanged from the release's ``models.ckpt``. Each choice and its o
   then S (zero genes, and T or S when <= 0, e.g. S of a cell with a total of 1, are left out).
 * **batching** (not official: its script embeds one cell at a time): cells are right-padded
   (engine), padding is a key padding mask, and pooled statistics exclude it, so a cell's
-  embedding does not depend on its batch. The layers are stock ``nn.TransformerEncoderLayer``s
-  (their keys load unchanged); their eval forward is written out with attention through PyTorch
-  SDPA, because the stock fast path materialises every attention matrix once given a padding mask.
+  embedding does not depend on its batch. The layers' eval forward is the stock
+  ``nn.TransformerEncoderLayer``'s written out with attention through PyTorch SDPA, because the
+  stock fast path materialises every attention matrix once given a padding mask.
 * **pooling** (``get_embedding.py``, ``--pool_type``): ``all`` (default) is
   ``[h[-1], h[-2], max(h[:-2]), mean(h[:-2])]``: the last token (S), the second-to-last (T),
   then max and mean over the tokens before them (genes): 4 x hidden (3,072 for the release).
@@ -69,7 +71,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ...errors import UserError
-from ..engine import CellTokenizer, TorchBackbone, key_mismatches, sha256_files
+from ..engine import CellTokenizer, TorchBackbone, key_mismatches, official_in_proj_names, sha256_files
 from ..registry import Option, register
 
 CHECKPOINT = "models.ckpt"
@@ -143,6 +145,16 @@ def build_model(cfg: Config, device="meta"):
             holder.register_buffer(name, value)
         return holder
 
+    def encoder_block():
+        """``nn.TransformerEncoderLayer``'s weights under its names (post-norm, eps 1e-5), with the
+        packed q/k/v projection held by an ``nn.Linear`` (stored as ``self_attn.in_proj_weight``/
+        ``in_proj_bias``) so that LoRA can wrap it; run by :func:`encoder_layer`."""
+        attn = tree(in_proj=nn.Linear(d, 3 * d), out_proj=nn.Linear(d, d))
+        attn.num_heads = cfg.heads
+        official_in_proj_names(attn)
+        return tree(self_attn=attn, linear1=nn.Linear(d, 4 * d), linear2=nn.Linear(4 * d, d),
+                    norm1=nn.LayerNorm(d, eps=1e-5), norm2=nn.LayerNorm(d, eps=1e-5))
+
     d, dd, inner = cfg.hidden, cfg.dec_hidden, cfg.dec_heads * cfg.dec_dim_head
     nb_features = int(cfg.dec_dim_head * math.log(cfg.dec_dim_head))   # performer FastAttention default
     with torch.device(device):
@@ -161,9 +173,8 @@ def build_model(cfg: Config, device="meta"):
                            emb=nn.Embedding(cfg.bin_num, d), emb_mask=nn.Embedding(1, d),
                            emb_pad=nn.Embedding(1, d)),
             pos_emb=nn.Embedding(cfg.seq_len + 1, d),
-            encoder=tree(transformer_encoder=nn.ModuleList(
-                nn.TransformerEncoderLayer(d, cfg.heads, dim_feedforward=4 * d, batch_first=True)
-                for _ in range(cfg.depth)), norm=nn.LayerNorm(d)),
+            encoder=tree(transformer_encoder=nn.ModuleList(encoder_block() for _ in range(cfg.depth)),
+                         norm=nn.LayerNorm(d)),
             decoder=tree(performer=performer, norm=nn.LayerNorm(dd)),
             decoder_embed=nn.Linear(d, dd), norm=nn.LayerNorm(dd), to_final=nn.Linear(dd, 1),
         )
@@ -190,16 +201,16 @@ def value_embedding(token_emb, values, cfg: Config):
 
 
 def encoder_layer(layer, x, attend):
-    """``nn.TransformerEncoderLayer.forward`` in eval (post-norm, ReLU) with its own weights, the
+    """``nn.TransformerEncoderLayer.forward`` in eval (post-norm, ReLU) with its weights, the
     attention through ``scaled_dot_product_attention`` and a (batch, 1, 1, keys) mask. The stock
     layer's eval fast path builds the full (batch, heads, tokens, tokens) matrix when given a
-    padding mask: 18 GB and 25x the time for 16 cells of 6,000 genes on a CPU."""
+    padding mask: 18 GB and 25x the time for 16 cells of 6,000 genes on a CPU. Every projection
+    is called as a module, so LoRA adapters on them are used."""
     import torch.nn.functional as F
 
     attn = layer.self_attn
     b, n, d = x.shape
-    q, k, v = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).view(b, n, 3, attn.num_heads, -1).permute(
-        2, 0, 3, 1, 4)
+    q, k, v = attn.in_proj(x).view(b, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attend[:, None, None, :])
     x = layer.norm1(x + attn.out_proj(out.transpose(1, 2).reshape(b, n, d)))
     return layer.norm2(x + layer.linear2(F.relu(layer.linear1(x))))
@@ -345,6 +356,11 @@ class ScFoundation(TorchBackbone):
         "gene_index": Option("", f"the gene list (default: {GENE_INDEX} beside models.ckpt)"),
         "weights_only": Option(True, "false: full unpickling of models.ckpt (only for a file you trust)", bool),
     }
+
+    # LoRA targets (``scdrugmap finetune``): the encoder's attention and feed-forward projections
+    # (the performer decoder is never run)
+    lora_attention = (r"encoder\.transformer_encoder\.\d+\.self_attn\.(in_proj|out_proj)",)
+    lora_mlp = (r"encoder\.transformer_encoder\.\d+\.linear[12]",)
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)

@@ -70,7 +70,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ...errors import UserError
-from ..engine import CellTokenizer, TorchBackbone, resolve_model_dir, sha256_files
+from ..engine import CellTokenizer, TorchBackbone, official_in_proj_names, resolve_model_dir, sha256_files
 from ..registry import Option, register
 
 MIN_MATCHED = 0.05                          # refuse a dataset when fewer than 5% of its genes match
@@ -224,20 +224,22 @@ def _nn() -> types.SimpleNamespace:
             return self.norm(self.linear2(F.relu(self.linear1(x))))
 
     class SelfAttention(nn.Module):
-        """Multi-head self-attention with torch's fused in-projection layout, run by SDPA."""
+        """Multi-head self-attention with torch's fused in-projection layout, run by SDPA. The
+        projection is an ``nn.Linear`` (``in_proj``) stored as ``in_proj_weight``/``in_proj_bias``,
+        so that LoRA can wrap it (see :func:`~scdrugmap.extract.engine.official_in_proj_names`)."""
 
         def __init__(self, d: int, n_heads: int):
             super().__init__()
             self.n_heads = n_heads
-            self.in_proj_weight = nn.Parameter(torch.empty(3 * d, d))
-            self.in_proj_bias = nn.Parameter(torch.zeros(3 * d))
+            self.in_proj = nn.Linear(d, 3 * d)
             self.out_proj = nn.Linear(d, d)
-            nn.init.xavier_uniform_(self.in_proj_weight)
+            nn.init.xavier_uniform_(self.in_proj.weight)
+            nn.init.zeros_(self.in_proj.bias)
+            official_in_proj_names(self)
 
         def forward(self, x, keep):
             b, n, d = x.shape
-            q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(b, n, 3, self.n_heads, -1).permute(
-                2, 0, 3, 1, 4)
+            q, k, v = self.in_proj(x).view(b, n, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)   # keep: (b, 1, 1, n), True = attend
             return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
 
@@ -344,6 +346,11 @@ class ScGPT(TorchBackbone):
                              int),
         "seed": Option(0, "seeds the random tie-breaking of binning and gene sampling above max_length", int),
     }
+
+    # LoRA targets (``scdrugmap finetune``): the packed q/k/v projection and the output
+    # projection of every layer; the feed-forward layers of the encoder (not the value encoder)
+    lora_attention = (r"self_attn\.in_proj", r"self_attn\.out_proj")
+    lora_mlp = (r"layers\.\d+\.linear[12]",)
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)

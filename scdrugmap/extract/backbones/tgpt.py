@@ -66,6 +66,11 @@ class TGPT(TorchBackbone):
     options = {**TorchBackbone.options,
                "max_length": Option(64, "tokens per cell, start and end tokens included", int)}
 
+    # LoRA targets (``scdrugmap finetune``): GPT-2's packed q/k/v and output projections (Conv1D),
+    # its feed-forward layers
+    lora_attention = (r"attn\.c_attn", r"attn\.c_proj")
+    lora_mlp = (r"mlp\.c_fc", r"mlp\.c_proj")
+
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         from transformers import AutoConfig, GPT2LMHeadModel, PreTrainedTokenizerFast

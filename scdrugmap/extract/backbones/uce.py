@@ -66,8 +66,10 @@ The released files load unchanged, with their key names. Each choice and its off
   ``encoder`` (Linear, GELU, LayerNorm) x sqrt(d_model), + the checkpoint's ``pos_encoder.pe``
   buffer; post-norm ReLU layers (eps 1e-5) with PyTorch SDPA attention; ``decoder`` (3 x
   [Linear, LayerNorm, GELU], Linear); embedding = the CLS position of the decoder output,
-  L2-normalised (``output_dim``, 1,280). The last layer and the decoder are run for the CLS
-  position only (the others do not reach the embedding).
+  L2-normalised (``output_dim``, 1,280). After the packed q/k/v projection (one call for every
+  position: keys and values need them all), the last layer and the decoder are run for the CLS
+  position only (the others do not reach the embedding). The projections are ``nn.Linear``
+  modules stored under the official names, so LoRA can wrap them (``scdrugmap finetune``).
 * **padding** (``--option padding_mask``): the official code passes a *float* key-padding mask
   ``1 - mask``, which PyTorch adds to the attention logits: padded keys get +1.0 instead of being
   masked out, and the official collator pads each batch to its longest cell, so an official
@@ -94,7 +96,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ...errors import UserError
-from ..engine import CellTokenizer, TorchBackbone, key_mismatches, sha256_files
+from ..engine import CellTokenizer, TorchBackbone, key_mismatches, official_in_proj_names, sha256_files
 from ..registry import Option, register
 
 # eval_single_anndata.py argparse defaults and evaluate.py constants
@@ -271,9 +273,9 @@ def build_model(dims: Dims):
         pos.register_buffer("pe", torch.empty(dims.positions, 1, d))
         layers = []
         for _ in range(dims.layers):
-            attn = module(out_proj=nn.Linear(d, d))
-            attn.in_proj_weight = nn.Parameter(torch.empty(3 * d, d))
-            attn.in_proj_bias = nn.Parameter(torch.empty(3 * d))
+            # the packed q/k/v projection as a module (LoRA can wrap it), under the official names
+            attn = module(in_proj=nn.Linear(d, 3 * d), out_proj=nn.Linear(d, d))
+            official_in_proj_names(attn)
             layers.append(module(self_attn=attn, linear1=nn.Linear(d, dims.d_hid), linear2=nn.Linear(dims.d_hid, d),
                                  norm1=nn.LayerNorm(d), norm2=nn.LayerNorm(d)))
         return module(
@@ -301,11 +303,10 @@ def encoder_layer(layer, x, bias, heads: int, cls_only: bool = False):
 
     a = layer.self_attn
     b, n, d = x.shape
-    wq, wkv = a.in_proj_weight[:d], a.in_proj_weight[d:]
-    bq, bkv = a.in_proj_bias[:d], a.in_proj_bias[d:]
     resid = x[:, :1] if cls_only else x
-    q = F.linear(resid, wq, bq)
-    k, v = F.linear(x, wkv, bkv).chunk(2, dim=-1)
+    qkv = a.in_proj(x)                     # called as a module: LoRA adapters on it are used
+    q = qkv[:, :1, :d] if cls_only else qkv[..., :d]
+    k, v = qkv[..., d:].chunk(2, dim=-1)
 
     def heads_first(t):
         return t.reshape(b, t.shape[1], heads, d // heads).transpose(1, 2)
@@ -496,6 +497,11 @@ class UCE(TorchBackbone):
                                          "keys, every cell padded to 1,536)"),
         "min_cells": Option(10, "drop genes detected in fewer cells of the dataset (official filter; 0: off)", int),
     }
+
+    # LoRA targets (``scdrugmap finetune``): the layers' attention and feed-forward projections. The
+    # token ``encoder`` is left out: its output is computed once per token row, without gradients.
+    lora_attention = (r"self_attn\.(in_proj|out_proj)",)
+    lora_mlp = (r"layers\.\d+\.linear[12]",)
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)

@@ -1,0 +1,93 @@
+"""Schema migrations of the index: one step per version, applied when a store is opened.
+
+``MIGRATIONS[v]`` takes an index of schema version ``v`` to ``v + 1``. :func:`migrate` runs
+every step from a store's version up to :data:`~.schema.SCHEMA_VERSION` in one transaction,
+then records the new version in ``meta``, so a failed migration leaves the index as it was.
+A store newer than this scdrugmap is refused (see :func:`check_version`), never downgraded.
+
+Adding a version: change the DDL in :mod:`.schema`, bump ``SCHEMA_VERSION``, and add the
+step here; ``tests/store/test_migrations.py`` checks that a migrated index has exactly the
+tables and columns of a freshly created one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import duckdb
+
+from .. import __version__
+from ..errors import UserError
+from .schema import SCHEMA_VERSION, ZERO_SHOT_CACHE_DDL
+
+
+@dataclass(frozen=True)
+class Migration:
+    from_version: int
+    description: str
+    apply: Callable[[duckdb.DuckDBPyConnection], None]
+
+
+def _columns(con, table: str) -> set[str]:
+    return {r[0] for r in con.execute(
+        "SELECT column_name FROM information_schema.columns WHERE table_name = ?", [table]).fetchall()}
+
+
+def _v1_to_v2(con) -> None:
+    # zero_shot_cache was created lazily in version 1: stores made before it lack it
+    con.execute(ZERO_SHOT_CACHE_DDL)
+    if "origin" not in _columns(con, "provenance"):
+        con.execute("ALTER TABLE provenance ADD COLUMN origin VARCHAR DEFAULT 'extracted'")
+        con.execute("ALTER TABLE provenance ALTER COLUMN origin SET NOT NULL")
+
+
+MIGRATIONS: dict[int, Migration] = {
+    1: Migration(1, "provenance.origin (extracted | external); zero_shot_cache always present", _v1_to_v2),
+}
+
+
+def check_version(version: int, where: str) -> None:
+    """Refuse a store written by a newer scdrugmap, naming both versions."""
+    if version > SCHEMA_VERSION:
+        raise UserError(f"{where} has schema version {version}, newer than version {SCHEMA_VERSION} that this "
+                        f"scdrugmap ({__version__}) reads: upgrade scdrugmap (pip install -U scdrugmap)")
+    if version < 1 or any(v not in MIGRATIONS for v in range(version, SCHEMA_VERSION)):
+        raise UserError(f"{where} has schema version {version}, which this scdrugmap cannot migrate: "
+                        f"it reads versions 1 to {SCHEMA_VERSION}")
+
+
+def steps(version: int) -> list[Migration]:
+    return [MIGRATIONS[v] for v in range(version, SCHEMA_VERSION)]
+
+
+def migrate(index_path, version: int, where: str) -> list[Migration]:
+    """Bring the index at ``index_path`` from ``version`` to the current one; returns the steps run."""
+    check_version(version, where)
+    todo = steps(version)
+    if not todo:
+        return []
+    from .store import now
+
+    try:
+        con = duckdb.connect(str(index_path))
+    except duckdb.Error as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{where} has schema version {version} and must be migrated to version {SCHEMA_VERSION} "
+                        f"before use, but its index cannot be written ({first}): run 'scdrugmap store migrate "
+                        f"{where}' where the store is writable (and no other command is using it)") from None
+    try:
+        con.execute("BEGIN TRANSACTION")
+        try:
+            for step in todo:
+                step.apply(con)
+            con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION)])
+            con.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                        [f"migrated_from_{version}", f"{now().isoformat()} by scdrugmap {__version__}"])
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        con.execute("COMMIT")
+    finally:
+        con.close()
+    return todo
