@@ -11,7 +11,6 @@ Under ``torchrun`` the processes share every dataset's chunks (see :mod:`.world`
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,7 +20,7 @@ from ..errors import UserError
 from ..progress import progress_bar
 from ..store import arrays
 from ..store import source as src
-from ..store.store import Store, insert_provenance, now
+from ..store.store import Store, commit_array, now
 from . import registry
 from .world import World
 
@@ -163,23 +162,11 @@ def _extract_one(store: Store, model: registry.Backbone, source: DatasetSource, 
     if not world.main:
         return ExtractReport(source.name, "shard", source.n_cells, model.dim, len(already), len(mine),
                              world.rank, world.size)
-    rel = staged.finish()
-    try:
-        with store.transaction() as con:
-            old = con.execute("SELECT array_path FROM provenance WHERE backbone = ? AND dataset = ?",
-                              [model.name, source.name]).fetchone()
-            con.execute("DELETE FROM provenance WHERE backbone = ? AND dataset = ?", [model.name, source.name])
-            insert_provenance(con, {
-                "backbone": model.name, "dataset": source.name, "array_path": rel, "n_cells": source.n_cells,
-                "dim": model.dim, "dtype": dtype, "chunk_rows": chunk_rows, "scdrugmap_version": __version__,
-                "checkpoint_sha256": model.checkpoint_sha256(), "source_sha256": source.row["source_sha256"],
-                "params": json.dumps(params, sort_keys=True, default=str), "created_at": now(),
-                "origin": "extracted"})
-    except BaseException:
-        shutil.rmtree(store.embeddings_path / rel, ignore_errors=True)
-        raise
-    if old:
-        shutil.rmtree(store.embeddings_path / old[0], ignore_errors=True)
+    commit_array(store, staged.finish(), {
+        "backbone": model.name, "dataset": source.name, "n_cells": source.n_cells,
+        "dim": model.dim, "dtype": dtype, "chunk_rows": chunk_rows, "scdrugmap_version": __version__,
+        "checkpoint_sha256": model.checkpoint_sha256(), "source_sha256": source.row["source_sha256"],
+        "params": json.dumps(params, sort_keys=True, default=str), "created_at": now(), "origin": "extracted"})
     staged.discard()
     return ExtractReport(source.name, "extracted", source.n_cells, model.dim, len(already), len(mine),
                          world.rank, world.size)

@@ -54,7 +54,7 @@ from ..probe.run import PROTOCOLS, RESULT_COLUMNS, ProbeRun, _results_frame, _sa
 from ..probe.splits import GROUP_BY_CHOICES, cohort_splits
 from ..progress import progress_bar
 from ..store import arrays
-from ..store.store import Store, now
+from ..store.store import Store, commit_array, now
 from . import adapters
 from .data import CohortCells, evaluation_batches, loader, validation_split
 from .train import HIDDEN, STATS_CELLS, TrainSettings, embed, make_head, predict, standardisation, train_fold
@@ -369,33 +369,12 @@ def _embed_chunk(model, peft_model, states, source, lo, hi, assignment, settings
 def _commit(store, name, source, staged, dim, dtype, checkpoint_sha256, params) -> None:
     """Move the finished array in place and point the index at it (as the extraction runner does)."""
     rel = staged.finish()
-    row = {"backbone": name, "dataset": source.name, "array_path": rel, "n_cells": source.n_cells, "dim": dim,
+    row = {"backbone": name, "dataset": source.name, "n_cells": source.n_cells, "dim": dim,
            "dtype": dtype, "chunk_rows": staged.chunk_rows, "scdrugmap_version": __version__,
            "checkpoint_sha256": checkpoint_sha256, "source_sha256": source.row["source_sha256"],
            "params": json.dumps(params, sort_keys=True, default=str), "created_at": now()}
-    try:
-        with store.transaction() as con:
-            old = con.execute("SELECT array_path FROM provenance WHERE backbone = ? AND dataset = ?",
-                              [name, source.name]).fetchone()
-            con.execute("DELETE FROM provenance WHERE backbone = ? AND dataset = ?", [name, source.name])
-            _insert_provenance(con, row)
-    except BaseException:
-        shutil.rmtree(store.embeddings_path / rel, ignore_errors=True)
-        raise
-    if old:
-        shutil.rmtree(store.embeddings_path / old[0], ignore_errors=True)
+    commit_array(store, rel, row)
     staged.discard()
-
-
-def _insert_provenance(con, row: dict) -> None:
-    try:
-        from ..store.store import insert_provenance          # by column name (stores with later columns)
-    except ImportError:
-        columns = list(row)
-        con.execute(f"INSERT INTO provenance ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
-                    [row[c] for c in columns])
-        return
-    insert_provenance(con, row)
 
 
 # -- helpers ----------------------------------------------------------------------------------------

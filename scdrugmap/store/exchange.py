@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from .. import __version__
 from ..errors import UserError
 from . import arrays
 from .source import sha256_file
-from .store import Store, _first_line, insert_provenance, now
+from .store import Store, _first_line, commit_array, now
 
 FORMATS = {".h5ad": "h5ad", ".parquet": "parquet", ".pq": "parquet", ".npy": "npy"}
 BACKBONE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+:@-]{0,99}$")
@@ -307,21 +306,11 @@ def import_embeddings(store: Store, dataset: str, backbone: str, source, key: st
     except BaseException:
         staged.discard()
         raise
-    try:
-        with store.transaction() as con:
-            old = con.execute("SELECT array_path FROM provenance WHERE backbone = ? AND dataset = ?",
-                              [backbone, dataset]).fetchone()
-            con.execute("DELETE FROM provenance WHERE backbone = ? AND dataset = ?", [backbone, dataset])
-            insert_provenance(con, {
-                "backbone": backbone, "dataset": dataset, "array_path": rel, "n_cells": n, "dim": dim,
-                "dtype": out_dtype, "chunk_rows": chunk_rows, "scdrugmap_version": __version__,
-                "checkpoint_sha256": None, "source_sha256": row["source_sha256"],
-                "params": json.dumps(info, sort_keys=True, default=str), "created_at": now(), "origin": "external"})
-    except BaseException:
-        shutil.rmtree(store.embeddings_path / rel, ignore_errors=True)
-        raise
-    if old:
-        shutil.rmtree(store.embeddings_path / old[0], ignore_errors=True)
+    old = commit_array(store, rel, {
+        "backbone": backbone, "dataset": dataset, "n_cells": n, "dim": dim,
+        "dtype": out_dtype, "chunk_rows": chunk_rows, "scdrugmap_version": __version__,
+        "checkpoint_sha256": None, "source_sha256": row["source_sha256"],
+        "params": json.dumps(info, sort_keys=True, default=str), "created_at": now(), "origin": "external"})
     staged.discard()
     return ImportReport(backbone, dataset, n, dim, out_dtype, aligned_by, order is not None, bool(old))
 

@@ -57,6 +57,27 @@ def insert_provenance(con, row: dict) -> None:
                 [row[c] for c in cols])
 
 
+def commit_array(store: "Store", rel: str, row: dict) -> bool:
+    """Point the index at the finished array ``rel`` for ``row``'s backbone x dataset, in one
+    transaction, replacing (and then deleting) any previous array; if the index write fails the
+    new array is removed, so nothing half-registered remains. Returns whether one was replaced."""
+    import shutil
+
+    row = {**row, "array_path": rel}
+    try:
+        with store.transaction() as con:
+            old = con.execute("SELECT array_path FROM provenance WHERE backbone = ? AND dataset = ?",
+                              [row["backbone"], row["dataset"]]).fetchone()
+            con.execute("DELETE FROM provenance WHERE backbone = ? AND dataset = ?", [row["backbone"], row["dataset"]])
+            insert_provenance(con, row)
+    except BaseException:
+        shutil.rmtree(store.embeddings_path / rel, ignore_errors=True)
+        raise
+    if old:
+        shutil.rmtree(store.embeddings_path / old[0], ignore_errors=True)
+    return bool(old)
+
+
 def now() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
 
