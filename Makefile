@@ -20,9 +20,9 @@ $(CORE): $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install --quiet -e .
 	touch $(CORE)
 
-$(FULL): $(BIN)/python pyproject.toml
+$(FULL): $(BIN)/python pyproject.toml constraints-test.txt
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[extract,dev]"
+	$(BIN)/python -m pip install --quiet -c constraints-test.txt -e ".[extract,dev]"
 	touch $(CORE) $(FULL)
 
 demo: $(CORE)
