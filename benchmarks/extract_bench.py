@@ -182,17 +182,21 @@ def checkpoint(name: str, builder):
         builder = random_minilm
     if builder is None:
         return None
-    folder = CACHE / "checkpoints" / name
-    if not (folder / "built").exists():
-        print(f"  building a random {name} checkpoint ...", flush=True)
-        # in a child process: the builder's memory must not count in the backbone's peak RSS
-        import multiprocessing
+    return build_once(CACHE / "checkpoints" / name, builder, f"a random {name} checkpoint")
 
+
+def build_once(folder: Path, builder, what: str) -> Path:
+    """``builder(folder)`` unless an earlier run finished it; in a child process, so the
+    builder's memory never counts in a backbone's peak RSS."""
+    import multiprocessing
+
+    if not (folder / "built").exists():
+        print(f"  building {what} ...", flush=True)
         child = multiprocessing.get_context("fork").Process(target=builder, args=(folder,))
         child.start()
         child.join()
         if child.exitcode != 0:
-            raise RuntimeError(f"building the {name} checkpoint failed")
+            raise RuntimeError(f"building {what} failed")
         (folder / "built").write_text("ok")
     return folder
 

@@ -122,16 +122,9 @@ def build(name: str, builder, shape: str) -> Path:
         from extract_bench import checkpoint
 
         return checkpoint(name, builder)
-    folder = CACHE / "finetune" / "checkpoints" / name
-    if not (folder / "built").exists():
-        print(f"  building a small random {name} checkpoint ...", flush=True)
-        child = multiprocessing.get_context("fork").Process(target=builder, args=(folder,))
-        child.start()
-        child.join()
-        if child.exitcode != 0:
-            raise RuntimeError(f"building the {name} checkpoint failed")
-        (folder / "built").write_text("ok")
-    return folder
+    from extract_bench import build_once
+
+    return build_once(CACHE / "finetune" / "checkpoints" / name, builder, f"a small random {name} checkpoint")
 
 
 def store_of(n_cells: int):

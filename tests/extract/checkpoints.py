@@ -131,3 +131,19 @@ def save_llama(folder: Path, dtype=None, device: str = "cpu", **config) -> Path:
         model = model.to(dtype)
     model.save_pretrained(folder)
     return folder
+
+
+class H5adSource:
+    """What a backbone reads of a dataset, straight from an .h5ad (no store): its name, gene
+    symbols as written (``upper`` is ignored), no Ensembl IDs."""
+
+    value_kind = "counts"
+
+    def __init__(self, path, name: str = "pc9"):
+        self.adata, self.name = ad.read_h5ad(path), name
+
+    def symbols(self, upper: bool = True):
+        return np.asarray(self.adata.var_names.astype(str))
+
+    def ensembl_ids(self):
+        return None

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from checkpoints import write_pc9_small
+from checkpoints import H5adSource, write_pc9_small
 from conftest import SHARED, snapshot
 from official_cellplm import RELEASE, SMALL, release_config, save_cellplm
 
@@ -46,17 +46,8 @@ def pc9_small(tmp_path_factory):
     return write_pc9_small(tmp_path_factory.mktemp("data") / "pc9_small.h5ad", per_class=20)
 
 
-class Source:
-    """What the backbone reads of a dataset: its name, gene identifiers and counts."""
 
-    def __init__(self, path, name="pc9"):
-        self.adata, self.name = ad.read_h5ad(path), name
-
-    def ensembl_ids(self):
-        return None
-
-    def symbols(self, upper=True):
-        return np.asarray(self.adata.var_names.astype(str))
+Source = H5adSource
 
 
 # ---- plain-torch reference of the official formulas (float64) ----------------------------------

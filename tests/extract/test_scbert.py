@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from checkpoints import write_pc9_small
+from checkpoints import H5adSource, write_pc9_small
 from conftest import snapshot
 from official_performer import (SCBERT_CKPT, SCBERT_G2V, SCBERT_GENES, pc9_gene_order, reference_forward,
                                 save_scbert)
@@ -40,12 +40,8 @@ def pc9_small(tmp_path_factory):
     return write_pc9_small(tmp_path_factory.mktemp("data") / "pc9_small.h5ad", per_class=20)
 
 
-class Source:
-    def __init__(self, path, name="pc9"):
-        self.adata, self.name = ad.read_h5ad(path), name
 
-    def symbols(self, upper=True):
-        return np.asarray(self.adata.var_names.astype(str))
+Source = H5adSource
 
 
 def load_state(folder):
