@@ -128,23 +128,10 @@ def build(name: str, builder, shape: str) -> Path:
 
 
 def store_of(n_cells: int):
-    """A store of ``n_cells`` random PC9 cells with their labels (cached)."""
-    import anndata as ad
+    """The extraction benchmark's store of ``n_cells`` random PC9 cells (built once, shared)."""
+    from extract_bench import dataset
 
-    from scdrugmap.store.ingest import IngestRequest, ingest
-    from scdrugmap.store.store import Store
-
-    folder = CACHE / "finetune" / f"pc9-random{n_cells}"
-    if not (folder / "built").exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        a = ad.read_h5ad(ck.PC9)
-        rows = np.random.default_rng(0).choice(a.n_obs, size=n_cells, replace=n_cells > a.n_obs)
-        a = a[rows].copy()
-        a.obs_names = [f"c{i}" for i in range(n_cells)]
-        a.write_h5ad(folder / "cells.h5ad")
-        ingest(folder / "store", IngestRequest(file=folder / "cells.h5ad", dataset="pc9", label_col="response"))
-        (folder / "built").write_text("ok")
-    return Store.open(folder / "store")
+    return dataset(n_cells)
 
 
 def peak_rss_gib() -> float:
