@@ -8,88 +8,11 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .errors import UserError
-from .store.arrays import DEFAULT_CHUNK_ROWS
-
-STORE_HELP = ("Store directory, or a read-only store URL (s3://bucket/prefix, https://host/path); "
-              "or set SCDRUGMAP_STORE.")
-VERBOSE = "scdrugmap.verbose"          # ctx.meta: the stores whose bytes read --verbose prints
-
-
-class Main(click.Group):
-    """Turns a :class:`UserError` into one line on stderr and exit code 2 (no traceback)."""
-
-    def invoke(self, ctx):
-        try:
-            result = super().invoke(ctx)
-        except UserError as e:
-            click.echo(f"Error: {e}", err=True)
-            sys.exit(e.exit_code)
-        for store in ctx.meta.get(VERBOSE) or []:
-            click.echo(store.io_summary(), err=True)
-        return result
-
-
-class StoreLocation(click.ParamType):
-    """A store directory (a Path) or a store URL (kept as a string: a Path would mangle '//')."""
-
-    name = "DIR|URL"
-
-    def convert(self, value, param, ctx):
-        from .store.store import is_url, local_path
-
-        if isinstance(value, Path):
-            return value
-        return str(value) if is_url(str(value)) else local_path(str(value))
-
-
-def store_option(f):
-    return click.option("--store", "store_path", envvar="SCDRUGMAP_STORE", required=True,
-                        type=StoreLocation(), help=STORE_HELP)(f)
-
-
-def verbose_option(f):
-    """--verbose: after the command, print the bytes read from the store (index download, chunks)."""
-    def remember(ctx, param, value):
-        if value:
-            ctx.meta.setdefault(VERBOSE, [])
-        return value
-
-    return click.option("--verbose", is_flag=True, expose_value=False, callback=remember,
-                        help="Also print the bytes read from the store (index download and embedding chunks).")(f)
-
-
-def open_store(path):
-    from .store.store import Store
-
-    store = Store.open(path)
-    ctx = click.get_current_context(silent=True)
-    if ctx is not None and VERBOSE in ctx.meta:
-        ctx.meta[VERBOSE].append(store)
-    return store
-
-
-def print_table(frame, title: str | None = None, floatfmt: str = "{:.3f}") -> None:
-    """A readable table on stdout (rich), wide enough for the terminal or a log."""
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title, show_lines=False, header_style="bold")
-    for col in frame.columns:
-        table.add_column(str(col), justify="right" if frame[col].dtype.kind in "iuf" else "left")
-    for row in frame.itertuples(index=False):
-        table.add_row(*[_cell(v, floatfmt) for v in row])
-    Console(width=max(120, Console().width)).print(table)
-
-
-def _cell(value, floatfmt: str) -> str:
-    import math
-
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ""
-    if isinstance(value, float):
-        return floatfmt.format(value)
-    return str(value)
+from .cli_common import (SEED, Main, open_store, parse_options, print_table, store_option,
+                         verbose_option)
+from .cli_finetune import finetune
+from .cli_store import export, import_embeddings, store_group
+from .store.constants import DEFAULT_CHUNK_ROWS
 
 
 @click.group(cls=Main, context_settings={"help_option_names": ["-h", "--help"]})
@@ -157,16 +80,6 @@ def ingest(file, store_path, dataset, label_col, sensitive, resistant, sample_co
 
 
 # ---- extract --------------------------------------------------------------------------------
-def _parse_options(pairs) -> dict:
-    out = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise UserError(f"--option {pair!r} must be NAME=VALUE")
-        key, value = pair.split("=", 1)
-        out[key.strip()] = value.strip()
-    return out
-
-
 @main.command()
 @store_option
 @click.option("--backbone", "backbones", multiple=True, required=True, help="Backbone name (repeatable).")
@@ -199,7 +112,7 @@ def extract(store_path, backbones, datasets, model_dir, device, batch_size, dtyp
     from .extract.runner import extract as run_extract
 
     store = open_store(store_path)
-    opts = _parse_options(options)
+    opts = parse_options(options)
     for name in backbones:
         for r in run_extract(store, name, datasets=list(datasets), model_dir=model_dir, device=device,
                              batch_size=batch_size, force=force, dtype=dtype, options=opts, chunk_rows=chunk_rows,
@@ -285,7 +198,7 @@ def query(store_path, sql, csv_path, parquet_path, max_rows):
               type=click.Choice(["auto", "sample", "patient", "none"]),
               help="Hold out whole samples/patients in pooled CV; auto: patient, else sample, else none.")
 @click.option("--where", help="SQL condition on the cohort view selecting the cells.")
-@click.option("--seed", default=0, show_default=True, help="Seed of splits and heads.")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="Seed of splits and heads.")
 @click.option("--positive", default="resistant", show_default=True, type=click.Choice(["resistant", "sensitive"]),
               help="Positive class of F1, precision, recall.")
 @click.option("--jobs", default=1, show_default=True, type=click.IntRange(1),
@@ -331,6 +244,10 @@ def probe(store_path, backbones, heads, protocols, group_by, where, seed, positi
 def leaderboard(store_path, metric, protocol, where_runs):
     """Backbones x heads ranked by a metric (latest run of each configuration).
 
+    One table per cohort (the runs' --where) and protocol, each ranked on its own: runs on
+    other cells or under another protocol are not comparable. Cell-level (leaky) splits are
+    marked.
+
     Zero-shot runs (scdrugmap zero-shot) appear with backbone gpt-zero-shot and the
     model as head.
 
@@ -340,10 +257,14 @@ def leaderboard(store_path, metric, protocol, where_runs):
       scdrugmap leaderboard --store st --metric auroc --protocol cross
       scdrugmap leaderboard --store st --protocol zero-shot
     """
+    from .probe.run import LEAKY_NOTE, leaderboard_sections
     from .probe.run import leaderboard as board
 
     frame = board(open_store(store_path), metric=metric, protocol=protocol, where=where_runs)
-    print_table(frame, title=f"Leaderboard by {metric}")
+    for title, part in leaderboard_sections(frame, metric):
+        print_table(part, title=title)
+    if (frame["leaky"] == "yes").any():
+        click.echo(f"note: {LEAKY_NOTE}", err=True)
 
 
 # ---- zero-shot ------------------------------------------------------------------------------
@@ -360,7 +281,7 @@ def leaderboard(store_path, metric, protocol, where_runs):
               help="Highest-expressed genes listed per cell.")
 @click.option("--cells-per-request", default=10, show_default=True, type=click.IntRange(1),
               help="Cells per prompt (the paper's 10); a dataset's last request may hold fewer.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the cell order before batching.")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="Seed of the cell order before batching.")
 @click.option("--positive", default="resistant", show_default=True, type=click.Choice(["resistant", "sensitive"]),
               help="Positive class of F1, precision, recall.")
 @click.option("--concurrency", default=4, show_default=True, type=click.IntRange(1), help="Requests in parallel.")
@@ -429,7 +350,7 @@ def zero_shot(store_path, where, datasets, model, base_url, api_key, top_n, cell
               help="Without --paper: cells per dataset.")
 @click.option("--genes", "n_genes", default=2000, show_default=True, type=click.IntRange(1000),
               help="Genes per cell (the hvg panel's genes come first).")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=0, show_default=True, type=SEED)
 def simulate(out, paper, scale, n_datasets, cells_per_dataset, n_genes, seed):
     """Write a simulated drug-response cohort as .h5ad files plus catalog.csv.
 
@@ -465,8 +386,8 @@ def simulate(out, paper, scale, n_datasets, cells_per_dataset, n_genes, seed):
 # ---- demo -----------------------------------------------------------------------------------
 @main.command()
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-out"),
-              show_default=True, help="Where the simulated files and the store go (replaced).")
-@click.option("--seed", default=0, show_default=True)
+              show_default=True, help="New folder for the simulated files and the store (an earlier demo's output is replaced).")
+@click.option("--seed", default=0, show_default=True, type=SEED)
 def demo(out, seed):
     """Simulate a cohort, then ingest -> extract -> probe -> leaderboard, in under a minute.
 
@@ -479,21 +400,10 @@ def demo(out, seed):
     run_demo(out, seed=seed, echo=click.echo, table=print_table)
 
 
-if __name__ == "__main__":
-    # 'python -m scdrugmap.cli' runs this file as __main__, a second copy of the module; the
-    # commands below live in their own modules, which import scdrugmap.cli and register there:
-    # run that module's main (registering them here would import this file twice, circularly)
-    from scdrugmap.cli import main as _package_main
-
-    sys.exit(_package_main())
-
-from .cli_finetune import finetune  # noqa: E402  (the command lives in its own module)
-
 main.add_command(finetune)
-
-# ---- store sharing: store info/pack/verify/unpack/merge/migrate, export, import-embeddings ----
-from .cli_store import export, import_embeddings, store_group  # noqa: E402
-
-main.add_command(store_group)
+main.add_command(store_group)   # store info/pack/verify/unpack/merge/migrate
 main.add_command(export)
 main.add_command(import_embeddings)
+
+if __name__ == "__main__":       # python -m scdrugmap.cli
+    main()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .cli import _parse_options, open_store, print_table, store_option
+from .cli_common import SEED, open_store, parse_options, print_table, store_option
 
 
 @click.command()
@@ -33,7 +33,7 @@ from .cli import _parse_options, open_store, print_table, store_option
 @click.option("--val-fraction", default=0.1, show_default=True, type=float,
               help="Share of each training fold held out for early stopping.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the folds (as 'scdrugmap probe'), adapters and training.")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="Seed of the folds (as 'scdrugmap probe'), adapters and training.")
 @click.option("--positive", default="resistant", show_default=True, type=click.Choice(["resistant", "sensitive"]),
               help="Positive class of F1, precision, recall.")
 @click.option("--option", "options", multiple=True, metavar="NAME=VALUE", help="Backbone option (repeatable).")
@@ -72,7 +72,7 @@ def finetune(store_path, backbone, model_dir, protocols, group_by, where, rank, 
     from .finetune import run_finetune
 
     store = open_store(store_path)
-    opts = _parse_options(options)
+    opts = parse_options(options)
     summaries = []
     for protocol in protocols:
         run = run_finetune(store, backbone, model_dir=model_dir, protocol=protocol, group_by=group_by, where=where,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from .cli import StoreLocation, _parse_options, open_store, print_table, store_option, verbose_option
+from .cli_common import StoreLocation, open_store, parse_options, print_table, store_option, verbose_option
 from .errors import UserError
 
 
@@ -99,6 +99,7 @@ def _print_info(data: dict) -> None:
                    f"{data['zero_shot_cached_answers']:,} cached zero-shot answers")
         click.echo(f"size: index {_mb(b['index'])}, embeddings {_mb(b['embeddings'])}, models {_mb(b['models'])}, "
                    f"total {_mb(b['total'])}")
+        _print_leftovers(data.get("reclaimable"))
         if data.get("pack_manifest"):
             m = data["pack_manifest"]
             click.echo(f"unpacked from a pack made at {m.get('created_at')} by scdrugmap {m.get('scdrugmap_version')} "
@@ -110,6 +111,26 @@ def _print_info(data: dict) -> None:
         if "bytes" in frame:
             frame["size"] = frame.pop("bytes").map(_mb)
         print_table(frame, title="Backbones")
+
+
+def _print_leftovers(left: dict | None) -> None:
+    """What killed or failed commands left, and what reclaims it."""
+    if not left:
+        return
+    for job in left["running_jobs"]:
+        click.echo(f"running now: {job.replace('-', ' ', 1)}")
+    for x in left["interrupted_extractions"]:
+        state = "running" if x["running"] else "interrupted, resumed by the next extract of that backbone"
+        click.echo(f"extraction in staging: {x['backbone']} x {x['dataset']}, {x['chunks_done']}/{x['chunks']} "
+                   f"chunks, {_mb(x['bytes'])} ({state})")
+    for x in left["unreferenced_arrays"]:
+        click.echo(f"reclaimable: {x['path']}, {_mb(x['bytes'])}, an array no index row refers to (removed by the "
+                   "next extract of that backbone)")
+    for x in left["stale_work_folders"]:
+        click.echo(f"reclaimable: {x['path']}, {_mb(x['bytes'])}, left by a killed command (removed by the next "
+                   "command that builds that destination; or delete it)")
+    if left["bytes"]:
+        click.echo(f"reclaimable in all: {_mb(left['bytes'])}")
 
 
 # ---- pack / verify / unpack -----------------------------------------------------------------
@@ -138,26 +159,51 @@ def pack(store_dir, out, strip_paths):
     click.echo(f"packed {store_dir} into {r.out} ({r.kind}): {r.n_files:,} files, {_mb(r.n_bytes)}{written} in "
                f"{r.seconds:.1f} s ({_rate(r.n_bytes, r.seconds)}); schema version {r.manifest['schema_version']}"
                + ("; local paths stripped" if strip_paths else ""))
+    click.echo(f"manifest sha256: {r.digest} (publish it apart from the pack; the receiver checks with "
+               f"'scdrugmap store verify {r.out.name} --expect {r.digest}')")
 
 
 @store_group.command("verify")
-@click.argument("pack_path", metavar="PACK", type=StoreLocation())
-def verify(pack_path):
-    """Check every file of PACK (.tar, .tar.zst, a pack directory, or a store unpacked from one)
-    against its manifest: any changed, missing or extra byte is found and the file named.
+@click.argument("pack_path", metavar="PACK|DIR", type=StoreLocation())
+@click.option("--expect", metavar="SHA256", help="The manifest digest the sender published ('store pack' prints "
+                                                 "it): the pack must be exactly the one sent.")
+def verify(pack_path, expect):
+    """Check PACK (.tar, .tar.zst, a pack directory, or a store unpacked from one) against its
+    manifest: any changed, missing or extra byte is found and the file named. A store that was
+    never packed is checked by its own checksums: every index block, every embedding chunk
+    (CRC-32C), every model file.
+
+    Without --expect this finds damage, not tampering (a rewritten pack can carry a rewritten
+    manifest); with the digest the sender published it also proves the pack is the one sent.
 
     \b
     Examples:
-      scdrugmap store verify st.tar
-      scdrugmap store verify received          # still as it was unpacked?
+      scdrugmap store verify st.tar --expect 3f5c...   # the digest 'store pack' printed
+      scdrugmap store verify received                  # still as it was unpacked?
+      scdrugmap store verify my_store                  # a working store: recompute its checksums
     """
+    from .store.pack import MANIFEST
     from .store.pack import verify as do_verify
 
-    r = do_verify(pack_path)
+    if isinstance(pack_path, Path) and pack_path.is_dir() and not (pack_path / MANIFEST).is_file():
+        from .store.check import verify_store
+
+        if expect:
+            raise UserError(f"{pack_path} is a store, not a pack: --expect applies to packs (their manifest)")
+        r = verify_store(pack_path)
+        for note in r.notes:
+            click.echo(f"note: {note}", err=True)
+        if not r.ok:
+            raise UserError(f"{pack_path} failed verification: {r.summary()}")
+        click.echo(f"verified {pack_path}: {r.n_files:,} files, {_mb(r.n_bytes)}, every checksum matches (index "
+                   f"blocks, embedding chunks, model files) [{r.seconds:.1f} s, {_rate(r.n_bytes, r.seconds)}]")
+        return
+    r = do_verify(pack_path, expect=expect)
     if not r.ok:
         raise UserError(f"{pack_path} failed verification: {r.summary()}")
+    proof = "; the manifest is the one published (--expect)" if expect else ""
     click.echo(f"verified {pack_path}: {r.n_files:,} files, {_mb(r.n_bytes)}, all match the manifest (sha256) "
-               f"[{r.seconds:.1f} s, {_rate(r.n_bytes, r.seconds)}]")
+               f"[{r.seconds:.1f} s, {_rate(r.n_bytes, r.seconds)}]; manifest sha256 {r.digest}{proof}")
 
 
 @store_group.command("unpack")
@@ -295,7 +341,7 @@ def import_embeddings(store_path, dataset, backbone, source, cell_ids, cell_col,
 
     store = open_store(store_path)
     r = do_import(store, dataset, backbone, source, key=key, cell_ids=cell_ids, cell_col=cell_col, dtype=dtype,
-                  replace=replace, params=_parse_options(params))
+                  replace=replace, params=parse_options(params))
     how = "aligned by cell names" + (" (rows reordered)" if r.reordered else "") if r.aligned_by == "cell names" \
         else "rows taken in store order (no cell names given)"
     verb = "replaced" if r.replaced else "imported"

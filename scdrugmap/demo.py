@@ -11,9 +11,10 @@ import shutil
 import time
 from pathlib import Path
 
+from .errors import UserError
 from .extract.panel import load_panel
 from .extract.runner import extract
-from .probe.run import leaderboard, run_probe
+from .probe.run import leaderboard, leaderboard_sections, run_probe
 from .simulate import default_genes, simulate_cohort, write_cohort
 from .store.ingest import IngestRequest, ingest
 from .store.store import Store
@@ -32,10 +33,31 @@ def demo_genes(n_genes: int = 2000) -> list[str]:
     return genes
 
 
+# written into every demo output folder: only a folder holding it (and nothing but what the
+# demo writes) is replaced by the next demo
+MARKER = ".scdrugmap-demo"
+DEMO_ENTRIES = {MARKER, "data", "store"}
+
+
+def _prepare_out(out: Path) -> None:
+    """Make ``out`` an empty folder: refuse one that holds anything but an earlier demo's output."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file: give a new folder, or an earlier demo's output folder")
+    if out.is_dir():
+        entries = {p.name for p in out.iterdir()}
+        if entries and (MARKER not in entries or not entries <= DEMO_ENTRIES):
+            raise UserError(f"--out {out} is not empty and is not an earlier demo's output: choose a new folder "
+                            "(the demo replaces its own output only)")
+        for name in entries:
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("output of 'scdrugmap demo'; the next demo with this --out replaces this folder\n")
+
+
 def run_demo(out: Path, seed: int = 0, echo=print, table=None) -> Store:
     out = Path(out)
-    if out.exists():
-        shutil.rmtree(out)
+    _prepare_out(out)
     start = time.perf_counter()
     echo(f"1/5 simulating 4 datasets x 600 cells into {out / 'data'}")
     cohort = simulate_cohort(n_datasets=4, cells_per_dataset=600, samples_per_dataset=6, genes=demo_genes(),
@@ -59,10 +81,12 @@ def run_demo(out: Path, seed: int = 0, echo=print, table=None) -> Store:
                 run_probe(store, backbone, head=head, protocol=protocol, seed=seed, show_progress=False)
     echo("5/5 leaderboard")
     board = leaderboard(store, metric="f1")
-    if table is not None:
-        table(board.drop(columns=["run_id", "cohort"]), title="Leaderboard by F1 (resistant = positive)")
-    else:
-        echo(board.to_string(index=False))
+    for title, part in leaderboard_sections(board, "F1 (resistant = positive)"):
+        if table is not None:
+            table(part.drop(columns=["run_id"]), title=title)
+        else:
+            echo(title)
+            echo(part.to_string(index=False))
     echo(f"done in {time.perf_counter() - start:.0f} s. Explore: scdrugmap query --store {out / 'store'} "
          "\"SELECT * FROM probe_runs\"")
     return store

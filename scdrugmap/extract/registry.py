@@ -35,6 +35,7 @@ class Option:
     default: object
     help: str
     type: Callable = str
+    min: float | None = None          # smallest allowed value of a number
 
     def parse(self, name: str, text: str):
         try:
@@ -44,9 +45,16 @@ class Option:
                 if text.lower() in ("0", "false", "no", "off"):
                     return False
                 raise ValueError(text)
-            return self.type(text)
+            value = self.type(text)
         except ValueError:
             raise UserError(f"--option {name}={text!r}: expected a {self.type.__name__}") from None
+        return self.check(name, value)
+
+    def check(self, name: str, value):
+        if self.min is not None and isinstance(value, (int, float)) and not isinstance(value, bool) \
+                and value < self.min:
+            raise UserError(f"--option {name}={value}: must be at least {self.min:g}")
+        return value
 
 
 class Backbone:
@@ -84,7 +92,8 @@ class Backbone:
         out = {}
         for key, opt in cls.options.items():
             value = given.get(key, opt.default)
-            out[key] = opt.parse(key, value) if isinstance(value, str) and opt.type is not str else value
+            out[key] = opt.parse(key, value) if isinstance(value, str) and opt.type is not str else \
+                opt.check(key, value)
         return out
 
     @classmethod
@@ -103,6 +112,10 @@ class Backbone:
     # -- called by the runner ------------------------------------------------------------
     def prepare(self, store, sources: list) -> None:
         """Whole-cohort work before any dataset is embedded (default: nothing)."""
+
+    def undo_prepare(self, store) -> None:
+        """Remove what :meth:`prepare` saved in ``store`` if no stored embedding uses it (called when
+        the disk refused a write, so that the failed command leaves the store as it was)."""
 
     def encoder(self, source) -> Callable[[sp.csr_matrix], np.ndarray]:
         raise NotImplementedError

@@ -10,7 +10,9 @@ Under ``torchrun`` the processes share every dataset's chunks (see :mod:`.world`
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,9 +22,18 @@ from ..errors import UserError
 from ..progress import progress_bar
 from ..store import arrays
 from ..store import source as src
-from ..store.store import Store, commit_array, now
+from ..store.common import now
+from ..store.cleanup import disk_rollback, reclaim
+from ..store.common import DiskError
+from ..store.locks import job_lock
+from ..store.store import Store, commit_staged
 from . import registry
 from .world import World
+
+
+DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?|mps)$")
+MAX_BATCH = 1 << 20              # cells per forward pass: more is a typo, not a setting
+MAX_CHUNK_ROWS = 1 << 22
 
 
 class DatasetSource:
@@ -95,13 +106,38 @@ def extract(store: Store, backbone: str, datasets=None, model_dir=None, device: 
     """Embed ``datasets`` (all when None) with ``backbone`` into ``store``."""
     if dtype not in arrays.DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(arrays.DTYPES)}")
+    check_run_settings(device, batch_size, chunk_rows)
     store.require_writable("extract")
     cls = registry.get(backbone)
     ok, why = cls.availability()
     if not ok:
         raise UserError(f"backbone {backbone!r} cannot run here: {why}")
+    cls.parse_options(options or {})            # a bad --option fails before anything is locked or read
     names = store.require_datasets(datasets)
     world = World.from_env()
+    # One extraction of a backbone at a time (rank 0 holds the lock for all ranks of a torchrun job);
+    # it also guards the backbone's arrays while leftovers of killed runs are cleaned up.
+    lock = (job_lock(store.path, f"extract-{arrays.safe_name(backbone)}",
+                     f"'scdrugmap extract --backbone {backbone}'") if world.main else contextlib.nullcontext())
+    with lock:
+        if world.main:
+            reclaim(store, backbone)
+        return _extract(store, cls, backbone, names, world, model_dir, device, batch_size, force, dtype, options,
+                        chunk_rows, show_progress)
+
+
+def check_run_settings(device: str, batch_size: int | None, chunk_rows: int) -> None:
+    """--device, --batch-size and --chunk-rows as one-line errors (shared with fine-tuning)."""
+    if not DEVICE_RE.match(str(device)):
+        raise UserError(f"--device {device!r} is not a device: use cpu, cuda, cuda:N or mps")
+    if batch_size is not None and not 1 <= batch_size <= MAX_BATCH:
+        raise UserError(f"--batch-size {batch_size} is out of range: give 1 to {MAX_BATCH:,} cells per forward pass")
+    if not 1 <= chunk_rows <= MAX_CHUNK_ROWS:
+        raise UserError(f"--chunk-rows {chunk_rows} is out of range: give 1 to {MAX_CHUNK_ROWS:,} rows")
+
+
+def _extract(store, cls, backbone, names, world, model_dir, device, batch_size, force, dtype, options, chunk_rows,
+             show_progress) -> list[ExtractReport]:
     done = set(store.provenance(backbone)["dataset"])
     todo = [n for n in names if force or n not in done]
     reports = [ExtractReport(n, "skipped", rank=world.rank, world_size=world.size) for n in names if n not in todo]
@@ -123,9 +159,14 @@ def extract(store: Store, backbone: str, datasets=None, model_dir=None, device: 
                 if world.main == turn:
                     model.prepare(store, sources)
                 world.barrier()
-            for source in sources:
-                reports.append(_extract_one(store, model, source, encoders[source.name], dtype, chunk_rows,
-                                            show_progress and world.main, world))
+            try:
+                for source in sources:
+                    reports.append(_extract_one(store, model, source, encoders[source.name], dtype, chunk_rows,
+                                                show_progress and world.main, world))
+            except DiskError:
+                if world.main:
+                    model.undo_prepare(store)
+                raise
         finally:
             for source in sources:
                 source.close()
@@ -150,7 +191,8 @@ def _extract_one(store: Store, model: registry.Backbone, source: DatasetSource, 
     already = staged.done_chunks()
     mine = [i for i in world.share(staged.n_chunks) if i not in already]
     total = sum(min(chunk_rows, source.n_cells - i * chunk_rows) for i in world.share(staged.n_chunks))
-    with progress_bar(f"{model.name} · {source.name}", total=total, enabled=show_progress) as advance:
+    with progress_bar(f"{model.name} · {source.name}", total=total, enabled=show_progress) as advance, \
+            disk_rollback(staged, store.embeddings_path, f"writing {model.name} embeddings of {source.name}"):
         for i in world.share(staged.n_chunks):
             lo, hi = staged.chunk_bounds(i)
             if i in mine:
@@ -162,12 +204,11 @@ def _extract_one(store: Store, model: registry.Backbone, source: DatasetSource, 
     if not world.main:
         return ExtractReport(source.name, "shard", source.n_cells, model.dim, len(already), len(mine),
                              world.rank, world.size)
-    commit_array(store, staged.finish(), {
+    commit_staged(store, staged, {
         "backbone": model.name, "dataset": source.name, "n_cells": source.n_cells,
         "dim": model.dim, "dtype": dtype, "chunk_rows": chunk_rows, "scdrugmap_version": __version__,
         "checkpoint_sha256": model.checkpoint_sha256(), "source_sha256": source.row["source_sha256"],
         "params": json.dumps(params, sort_keys=True, default=str), "created_at": now(), "origin": "extracted"})
-    staged.discard()
     return ExtractReport(source.name, "extracted", source.n_cells, model.dim, len(already), len(mine),
                          world.rank, world.size)
 

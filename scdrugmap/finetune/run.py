@@ -11,7 +11,7 @@ Per fold: fresh adapters (the same seeded initialisation for every fold) and a f
 trained on the training part, with early stopping on a validation part carved out of it; the
 test part is scored once, at the end. The folds are saved under
 ``DIR/finetune/<run_id>/fold-<k>/``: ``adapter/`` (peft's ``save_pretrained`` format),
-``head.pt``, ``split.npz`` (the cohort positions of the fit, validation and test cells) and
+``head.safetensors``, ``split.npz`` (the cohort positions of the fit, validation and test cells) and
 ``provenance.json``, and the folder appears (one rename) only when all of it is written.
 
 **Run id and resume.** The run id is a hash of everything that determines the result: the
@@ -54,7 +54,8 @@ from ..probe.run import PROTOCOLS, RESULT_COLUMNS, ProbeRun, _results_frame, _sa
 from ..probe.splits import GROUP_BY_CHOICES, cohort_splits
 from ..progress import progress_bar
 from ..store import arrays
-from ..store.store import Store, commit_array, now
+from ..store.locks import job_lock
+from ..store.store import Store, commit_staged, now
 from . import adapters
 from .data import CohortCells, evaluation_batches, loader, validation_split
 from .train import HIDDEN, STATS_CELLS, TrainSettings, embed, make_head, predict, standardisation, train_fold
@@ -62,6 +63,7 @@ from .train import HIDDEN, STATS_CELLS, TrainSettings, embed, make_head, predict
 METHOD = "lora"
 HEAD = "mlp"
 FOLDER = "finetune"
+HEAD_FILE = "head.safetensors"
 CHECK_CELLS = 4               # cells of the gradient check's batch
 
 
@@ -90,9 +92,7 @@ def run_finetune(store: Store, backbone: str, model_dir=None, protocol: str = "p
     adapters.require_peft()
     if model_dir is None:
         raise UserError(f"backbone {backbone!r} needs weights: pass --model-dir pointing at its checkpoint")
-    writable = getattr(store, "require_writable", None)      # read-only (URL) stores refuse writes
-    if writable:
-        writable("finetune")
+    store.require_writable("finetune")
 
     # cohort, labels and folds: the probes' code
     cells = store.cells(where)
@@ -107,10 +107,14 @@ def run_finetune(store: Store, backbone: str, model_dir=None, protocol: str = "p
                             f"can be trained: select datasets with both classes (or widen --where)"
                             + (", or use --protocol pooled" if protocol == "cross" else ""))
     sources = {s.name: s for s in _sources(store, cohort.datasets)}
+    # one fine-tuning of a backbone at a time: its runs' folders and exported embeddings are its own
     try:
-        return _run(store, cls, backbone, model_dir, protocol, group_by, where, seed, positive, n_splits, rank,
-                    alpha, dropout, target_modules, epochs, lr, batch_size, grad_accum, patience, val_fraction,
-                    device, options, export_embeddings, dtype, force, show_progress, echo, cells, cohort, sources)
+        with job_lock(store.path, f"finetune-{arrays.safe_name(backbone)}",
+                      f"'scdrugmap finetune --backbone {backbone}'"):
+            return _run(store, cls, backbone, model_dir, protocol, group_by, where, seed, positive, n_splits, rank,
+                        alpha, dropout, target_modules, epochs, lr, batch_size, grad_accum, patience, val_fraction,
+                        device, options, export_embeddings, dtype, force, show_progress, echo, cells, cohort,
+                        sources)
     finally:
         for source in sources.values():
             source.close()
@@ -213,6 +217,7 @@ def _run(store, cls, backbone, model_dir, protocol, group_by, where, seed, posit
 def _train_fold(model, peft_model, initial, data, cohort, cells, split, k, fold_dir, run_dir, settings, val_fraction,
                 seed, base, show_progress):
     import torch
+    from safetensors.torch import save_file
 
     fold_seed = _fold_seed(seed, split.name)
     adapters.load_adapter_state(peft_model, initial)            # every fold starts from the same adapters
@@ -230,8 +235,9 @@ def _train_fold(model, peft_model, initial, data, cohort, cells, split, k, fold_
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     adapters.save_adapter(peft_model, tmp / "adapter")
-    torch.save({"state_dict": {n: t.detach().cpu() for n, t in head.state_dict().items()}, "dim": model.dim,
-                "hidden": list(HIDDEN)}, tmp / "head.pt")
+    # safetensors, not torch.save: a store travels between labs, and loading a pickle can run code
+    save_file({n: t.detach().cpu().contiguous() for n, t in head.state_dict().items()}, str(tmp / HEAD_FILE),
+              metadata={"dim": str(model.dim), "hidden": json.dumps(list(HIDDEN))})
     np.savez(tmp / "split.npz", fit=fit_idx, validation=val_idx, test=np.asarray(split.test_idx))
     provenance = {**base, "fold": k, "split": split.name, "fold_seed": fold_seed, "n_train": int(len(train)),
                   "n_fit": int(len(fit_idx)), "n_validation": int(len(val_idx)), "n_test": int(len(split.test_idx)),
@@ -247,15 +253,21 @@ def _train_fold(model, peft_model, initial, data, cohort, cells, split, k, fold_
 
 def _load_fold(peft_model, model, fold_dir: Path):
     """A saved fold's adapter (into ``peft_model``) and head."""
-    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file
 
+    path = fold_dir / HEAD_FILE
+    if not path.is_file():
+        raise UserError(f"{fold_dir} has no {HEAD_FILE} (folds saved by an older scdrugmap kept a pickled head.pt, "
+                        f"which is no longer read): rerun with --force to retrain the run")
     adapters.load_adapter_state(peft_model, adapters.read_adapter(fold_dir / "adapter"))
-    saved = torch.load(fold_dir / "head.pt", map_location="cpu", weights_only=True)
-    if int(saved.get("dim", -1)) != model.dim:
-        raise UserError(f"{fold_dir}/head.pt was trained on {saved.get('dim')}-d embeddings, this model gives "
-                        f"{model.dim}-d: delete {fold_dir} to retrain the fold")
+    with safe_open(str(path), framework="pt") as f:
+        dim = int((f.metadata() or {}).get("dim", -1))
+    if dim != model.dim:
+        raise UserError(f"{path} was trained on {dim}-d embeddings, this model gives {model.dim}-d: delete {fold_dir} "
+                        "to retrain the fold")
     head = make_head(model.dim, np.zeros(model.dim), np.ones(model.dim), 0)
-    head.load_state_dict(saved["state_dict"])
+    head.load_state_dict(load_file(str(path)))
     return head.to(model.device).eval()
 
 
@@ -368,13 +380,11 @@ def _embed_chunk(model, peft_model, states, source, lo, hi, assignment, settings
 
 def _commit(store, name, source, staged, dim, dtype, checkpoint_sha256, params) -> None:
     """Move the finished array in place and point the index at it (as the extraction runner does)."""
-    rel = staged.finish()
     row = {"backbone": name, "dataset": source.name, "n_cells": source.n_cells, "dim": dim,
            "dtype": dtype, "chunk_rows": staged.chunk_rows, "scdrugmap_version": __version__,
            "checkpoint_sha256": checkpoint_sha256, "source_sha256": source.row["source_sha256"],
            "params": json.dumps(params, sort_keys=True, default=str), "created_at": now()}
-    commit_array(store, rel, row)
-    staged.discard()
+    commit_staged(store, staged, row)
 
 
 # -- helpers ----------------------------------------------------------------------------------------

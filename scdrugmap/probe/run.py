@@ -17,7 +17,9 @@ from .. import __version__
 from ..errors import UserError
 from ..progress import progress_bar
 from ..store.schema import METRIC_COLUMNS
-from ..store.store import Store, check_select, now
+from ..store.common import now
+from ..store.sql import check_condition, embed
+from ..store.store import Store
 from .evaluate import evaluate
 from .heads import make_head
 from .splits import cohort_splits
@@ -61,6 +63,7 @@ def run_probe(store: Store, backbone: str, head: str = "lr", protocol: str = "po
     (unless the store is a read-only URL store: then ``run.stored`` is False)."""
     if protocol not in PROTOCOLS:
         raise UserError(f"unknown protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}")
+    check_seed(seed)
     estimator = make_head(head, seed=seed, **(head_params or {}))   # unknown head / params fail here
     resolved = _resolved_params(estimator)
     X, cells = store.load(backbone, where=where, dtype=np.float32)
@@ -74,11 +77,17 @@ def run_probe(store: Store, backbone: str, head: str = "lr", protocol: str = "po
     if store.read_only:
         # a URL store is read-only: the run is returned (and printed by the CLI), not stored
         run.stored = False
-        run.notes.append(f"{store.location} is a read-only remote store: results are shown, not stored "
+        run.notes.append(f"{store.location} is read-only ({store.read_only_reason}): results are shown, not stored "
                          "(unpack or copy the store to keep runs in it)")
     else:
         _save(store, run, where, seed, positive)
     return run
+
+
+def check_seed(seed) -> None:
+    """Seeds go to numpy and scikit-learn, which take integers 0 <= seed < 2**32."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+        raise UserError(f"seed {seed!r} is out of range: give an integer from 0 to {2**32 - 1}")
 
 
 def _resolved_params(estimator) -> dict:
@@ -125,34 +134,54 @@ def _save(store: Store, run: ProbeRun, where, seed, positive, replace: bool = Fa
         con.unregister("incoming_results")
 
 
+LEAKY_NOTE = ("leaky = cell-level split (group_by none): cells of one sample are in both train and test, so "
+              "scores can reflect sample identity; compare such runs with grouped runs only with care")
+
+
 def leaderboard(store: Store, metric: str = "f1", protocol: str | None = None, where: str | None = None,
                 ) -> pd.DataFrame:
-    """Latest run of each (backbone, method, head, protocol, grouping, cohort), ranked by ``metric``."""
+    """Latest run of each (backbone, method, head, protocol, grouping, cohort), ranked by ``metric``
+    within its cohort and protocol: runs on other cells, or under another protocol, are not
+    comparable, so each (cohort, protocol) has its own ranks 1, 2, ... ``leaky`` marks
+    cell-level splits. ``cohort`` is the run's full ``--where`` ('' for all cells)."""
     if metric not in METRIC_COLUMNS:
         raise UserError(f"unknown metric {metric!r}: use one of {', '.join(METRIC_COLUMNS)}")
     if protocol is not None and protocol not in LEADERBOARD_PROTOCOLS:
         raise UserError(f"unknown protocol {protocol!r}: use one of {', '.join(LEADERBOARD_PROTOCOLS)}")
-    conditions = ["TRUE"]
+    conditions, params = ["TRUE"], []
     if protocol:
-        conditions.append(f"protocol = '{protocol}'")
+        conditions.append("protocol = ?")
+        params.append(protocol)
     if where:
-        conditions.append(f"({where})")
+        conditions.append(embed(check_condition(where, "probe_runs", "--where")))
+    extra = "" if metric == "auroc" else ", avg(x.auroc) AS auroc"
     query = f"""
         WITH latest AS (
             SELECT * FROM probe_runs WHERE {' AND '.join(conditions)}
             QUALIFY row_number() OVER (PARTITION BY backbone, method, head, protocol, group_by,
                                        coalesce(where_sql, '') ORDER BY created_at DESC) = 1)
-        SELECT r.backbone, r.method, r.head, r.protocol, r.group_by, coalesce(r.where_sql, '') AS cohort,
-               avg(x.{metric}) AS mean, stddev_samp(x.{metric}) AS std, count(x.{metric}) AS splits,
-               avg(x.auroc) AS auroc, r.n_cells AS cells, r.run_id
+        SELECT coalesce(r.where_sql, '') AS cohort, r.protocol, r.backbone, r.method, r.head, r.group_by,
+               avg(x.{metric}) AS mean, stddev_samp(x.{metric}) AS std, count(x.{metric}) AS splits{extra},
+               r.n_cells AS cells, r.run_id
         FROM latest r JOIN probe_results x USING (run_id)
         WHERE x.status <> 'one-class-train'
-        GROUP BY ALL ORDER BY mean DESC NULLS LAST, r.backbone, r.head"""
-    check_select(query, what="--where clause")
-    frame = store.sql(query)
+        GROUP BY ALL"""
+    frame = store.sql(query, params)
     if frame.empty:
         raise UserError("no probe results yet" + (" for this selection" if (protocol or where) else "")
                         + ": run 'scdrugmap probe' or 'scdrugmap zero-shot' first")
-    frame.insert(0, "rank", range(1, len(frame) + 1))
-    frame = frame.rename(columns={"mean": metric, "std": f"{metric}_std"})
+    frame = frame.sort_values(["cohort", "protocol", "mean", "backbone", "head"],
+                              ascending=[True, True, False, True, True], na_position="last", kind="stable")
+    frame.insert(2, "rank", frame.groupby(["cohort", "protocol"], sort=False).cumcount() + 1)
+    frame.insert(frame.columns.get_loc("group_by") + 1, "leaky",
+                 np.where((frame["protocol"] == "pooled") & (frame["group_by"] == "none"), "yes", ""))
+    frame = frame.rename(columns={"mean": metric, "std": f"{metric}_std"}).reset_index(drop=True)
     return frame
+
+
+def leaderboard_sections(frame: pd.DataFrame, metric: str):
+    """``(title, table)`` per cohort and protocol of a :func:`leaderboard` frame, for printing
+    (``metric`` as the title names it, e.g. 'F1')."""
+    for (cohort, protocol), part in frame.groupby(["cohort", "protocol"], sort=False):
+        title = f"Leaderboard by {metric}: protocol {protocol}, cohort: {cohort if cohort else 'all cells'}"
+        yield title, part.drop(columns=["cohort", "protocol"])

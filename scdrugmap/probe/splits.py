@@ -110,8 +110,11 @@ def pooled_splits(y, groups=None, n_splits: int = 5, seed: int = 0) -> list[Spli
                 f"{k} folds instead of {n_splits}: class {_class_label(smallest)} "
                 f"has only {per_class[smallest]} groups"
             )
-        cv = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
-        folds = cv.split(dummy, y, groups)
+        folds, k_used = _grouped_folds(y, groups, k, seed, per_class)
+        if k_used < k:
+            note = (f"{k_used} folds instead of {n_splits}: with more, some fold's training or test part "
+                    "would hold one class only")
+        k = k_used
 
     splits = []
     for i, (train_idx, test_idx) in enumerate(folds, start=1):
@@ -119,6 +122,27 @@ def pooled_splits(y, groups=None, n_splits: int = 5, seed: int = 0) -> list[Spli
             continue
         splits.append(Split(f"fold{i}", train_idx, test_idx, note))
     return splits
+
+
+def _both_classes(y: np.ndarray, folds) -> bool:
+    return all(len(np.unique(y[train])) == 2 and len(np.unique(y[test])) == 2 for train, test in folds)
+
+
+def _grouped_folds(y, groups, k: int, seed: int, per_class: dict):
+    """Grouped folds whose every training and test part holds both classes: ``k`` folds if
+    StratifiedGroupKFold's greedy assignment gives that, else the most folds below ``k`` that
+    do; a one-line error (with the fix) when no number of folds can."""
+    dummy = np.zeros((len(y), 1))
+    for n in range(k, 1, -1):
+        folds = list(StratifiedGroupKFold(n_splits=n, shuffle=True, random_state=seed).split(dummy, y, groups))
+        if _both_classes(y, folds):
+            return folds, n
+    counts = ", ".join(f"{_class_label(c)}: {n}" for c, n in sorted(per_class.items()))
+    raise UserError(
+        f"holding out whole groups cannot give every fold both classes ({len(np.unique(groups))} groups; groups "
+        f"per class {counts}), so the scores would mean nothing: use another --group-by (e.g. sample instead of "
+        "patient), or a cohort with more groups of each class"
+    )
 
 
 def _known(values) -> bool:
@@ -203,6 +227,19 @@ def cross_splits(datasets) -> list[Split]:
     ]
 
 
+def _auto_fallback(y, samples, candidates, failed: str, n_splits: int, seed: int):
+    for name in candidates:
+        try:
+            groups = _check_grouping(name, y, samples)
+            splits = pooled_splits(y, groups, n_splits=n_splits, seed=seed)
+        except UserError:
+            continue
+        return name, groups, (f"auto: whole {name}s held out ({len(np.unique(groups))} {name}s; whole {failed}s "
+                              "cannot give every fold both classes)"), splits
+    return None, None, f"auto: {LEAK_NOTE} (whole {failed}s cannot give every fold both classes)", \
+        pooled_splits(y, None, n_splits=n_splits, seed=seed)
+
+
 @dataclass
 class Cohort:
     """The labels and splits of a selected cohort (:func:`cohort_splits`)."""
@@ -239,10 +276,18 @@ def cohort_splits(cells: pd.DataFrame, protocol: str, group_by: str = "auto", se
                         else "they take part in training and testing but cannot be scored on their own"))
     groups = None
     if protocol == "pooled":
-        group_name, groups, note = resolve_group_by(group_by, y, _ids(cells["sample"]), _ids(cells["patient"]))
+        samples, patients = _ids(cells["sample"]), _ids(cells["patient"])
+        group_name, groups, note = resolve_group_by(group_by, y, samples, patients)
+        try:
+            splits = pooled_splits(y, groups, n_splits=n_splits, seed=seed)
+        except UserError:
+            if group_by != "auto" or group_name is None:
+                raise
+            # auto: patients cannot give every fold both classes; samples may, else a cell-level split
+            fallback = ("sample",) if group_name == "patient" else ()
+            group_name, groups, note, splits = _auto_fallback(y, samples, fallback, group_name, n_splits, seed)
         if note:
             notes.append(note)
-        splits = pooled_splits(y, groups, n_splits=n_splits, seed=seed)
         notes.extend(dict.fromkeys(s.note for s in splits if s.note))
         group_label = group_name or "none"
     else:

@@ -1,13 +1,26 @@
-"""The embedding store: a DuckDB index and Zarr arrays in one directory (docs/store-format.md)."""
+"""The embedding store: a DuckDB index and Zarr arrays in one directory (docs/store-format.md).
 
-from .exchange import export as export_embeddings
-from .exchange import import_embeddings
-from .ingest import IngestRequest, ingest
-from .merge import merge as merge_stores
-from .pack import pack as pack_store
-from .pack import unpack as unpack_store
-from .pack import verify as verify_pack
-from .store import Store
+The names below are imported on first use, so ``import scdrugmap.store.constants`` (what the
+command line needs to show its help) stays free of numpy, pandas, DuckDB and Zarr.
+"""
 
-__all__ = ["IngestRequest", "Store", "export_embeddings", "import_embeddings", "ingest", "merge_stores",
-           "pack_store", "unpack_store", "verify_pack"]
+from importlib import import_module
+
+_EXPORTS = {
+    "IngestRequest": ("ingest", "IngestRequest"), "ingest": ("ingest", "ingest"),
+    "Store": ("store", "Store"),
+    "export_embeddings": ("exchange", "export"), "import_embeddings": ("exchange", "import_embeddings"),
+    "merge_stores": ("merge", "merge"),
+    "pack_store": ("pack", "pack"), "unpack_store": ("pack", "unpack"), "verify_pack": ("pack", "verify"),
+    "verify_store": ("check", "verify_store"),
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module, attr = _EXPORTS[name]
+    value = getattr(import_module(f"{__name__}.{module}"), attr)
+    globals()[name] = value
+    return value

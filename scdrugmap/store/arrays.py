@@ -1,14 +1,22 @@
-"""Embedding arrays in ``embeddings.zarr/``: crash-safe, resumable writes and row-selective reads.
+"""Embedding arrays in ``embeddings.zarr/``: crash-safe, resumable writes and checked, row-selective reads.
 
 An extraction writes into a *staging* directory. Each finished row chunk leaves a marker
 file, so a killed run resumes at the first chunk without a marker instead of starting over.
-Only when every chunk is written is the array moved (one directory rename) to its final
-place, and only then does the index point readers at it. A reader therefore never sees a
-half-written embedding: it either sees the previous complete array or the new one.
+When every chunk is written, the array's final place is recorded in the staging directory
+(``final``) and the array is moved there (one directory rename); only then does the index
+point readers at it. A reader therefore never sees a half-written embedding, and a run killed
+between the rename and the index commit is finished by the next run without recomputing.
+
+Every chunk carries a CRC-32C checksum (Zarr v3's ``crc32c`` codec, after Blosc), and every
+chunk is written even when it is all zeros (``write_empty_chunks``), so a reader can tell a
+damaged chunk (checksum mismatch) and a missing one (an absent file would otherwise read as
+zeros) from data: both are a :class:`ChunkError` naming the array and the chunk. Arrays
+written before checksums existed are read as before (``checked`` is False for them).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -19,21 +27,33 @@ from pathlib import Path
 import numpy as np
 import zarr
 import zarr.storage
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 
-# Rows per chunk. 4,096 rows keeps a chunk of a 512-d float16 embedding at 4 MiB
-# uncompressed (a good unit for local disks and for object stores), and is small enough
-# that a killed extraction loses little work. See benchmarks/store_bench.py.
-DEFAULT_CHUNK_ROWS = 4096
-DTYPES = ("float16", "float32")
+from ..errors import UserError
+from .constants import DEFAULT_CHUNK_ROWS, DTYPES  # noqa: F401  (re-exported: the store's constants)
+
 STAGING = "_staging"
+FINAL = "final"                  # in a staging directory: where its finished array was moved
+ARRAY_CONFIG = {"write_empty_chunks": True}
 
 
-def _compressor():
+def _compressors():
     # Blosc-lz4 with byte shuffle: dense model embeddings barely compress, so decode speed
     # wins. Measured on a 326,751 x 978 float16 array (benchmarks/store_bench.py, 2 cores):
-    # full read 2.9 GB/s at 361 MB vs 1.5 GB/s at 202 MB for zstd level 3.
-    return BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
+    # full read 2.9 GB/s at 361 MB vs 1.5 GB/s at 202 MB for zstd level 3. CRC-32C of the
+    # compressed bytes last, so the checksum covers exactly what is on disk.
+    return [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"), Crc32cCodec()]
+
+
+def create_array(path, shape, chunks, dtype):
+    """A new embedding array at ``path`` in the store's layout (checksummed chunks, all written)."""
+    return zarr.create_array(store=str(path), shape=shape, chunks=chunks, dtype=dtype, compressors=_compressors(),
+                             fill_value=0, zarr_format=3, config=ARRAY_CONFIG)
+
+
+def is_checked(array) -> bool:
+    """Whether ``array`` was written with per-chunk checksums (and every chunk present)."""
+    return any(isinstance(c, Crc32cCodec) for c in array.metadata.codecs)
 
 
 def safe_name(name: str) -> str:
@@ -41,8 +61,42 @@ def safe_name(name: str) -> str:
     return "".join(c if (c.isalnum() or c in "._-") else f"%{ord(c):02X}" for c in name)
 
 
+class ChunkError(UserError):
+    """A chunk of an embedding array that is damaged (checksum) or missing."""
+
+    def __init__(self, rel: str, chunk: int, rows: tuple[int, int], problem: str, fix: str | None = None):
+        self.rel, self.chunk, self.problem = rel, chunk, problem
+        super().__init__(f"embedding array {rel}: chunk {chunk} (rows {rows[0]:,}-{rows[1] - 1:,}) is {problem}: "
+                         + (fix or "re-extract it (--force), or restore the store from its pack"))
+
+
+class ArrayMissing(Exception):
+    """An array that the index names but that is not on disk (deleted, or replaced meanwhile)."""
+
+    def __init__(self, rel: str):
+        self.rel = rel
+        super().__init__(rel)
+
+
+class MissingChunk(Exception):
+    """Raised by a strict :class:`CountingStore` for a chunk key that is absent."""
+
+
+def _write_synced(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 class StagedArray:
-    """One backbone x dataset embedding being written; see the module docstring."""
+    """One backbone x dataset embedding being written; see the module docstring.
+
+    ``finished`` is the relative path of the complete array when an earlier run moved it into
+    place but was stopped before the index pointed at it; :func:`commit_staged` then commits it.
+    """
 
     def __init__(self, root: Path, backbone: str, dataset: str, n_rows: int, dim: int,
                  dtype: str, chunk_rows: int, job: dict):
@@ -55,18 +109,36 @@ class StagedArray:
         self.dir = self.root / STAGING / f"{safe_name(backbone)}__{safe_name(dataset)}__{key}"
         self.array_dir = self.dir / "array"
         self.done_dir = self.dir / "done"
+        self.finished = self._finished_before()
+        self.created = False                  # this run made the staging directory
+        self.written: list[int] = []          # chunks this run wrote (undone by :meth:`rollback`)
+        self.array = None
+        if self.finished:
+            return
         if self.array_dir.exists() and (self.dir / "job.json").exists():
-            self.array = zarr.open_array(str(self.array_dir), mode="r+")
-        else:
-            # A different job for the same pair is stale: its parameters no longer apply.
-            for old in (self.root / STAGING).glob(f"{safe_name(backbone)}__{safe_name(dataset)}__*"):
-                shutil.rmtree(old, ignore_errors=True)
+            self.array = zarr.open_array(str(self.array_dir), mode="r+", config=ARRAY_CONFIG)
+            return
+        # A different job for the same pair is stale: its parameters no longer apply.
+        for old in (self.root / STAGING).glob(f"{safe_name(backbone)}__{safe_name(dataset)}__*"):
+            discard_staging(self.root, old)
+        self.created = True
+        try:
             self.done_dir.mkdir(parents=True, exist_ok=True)
-            self.array = zarr.create_array(
-                store=str(self.array_dir), shape=(n_rows, dim), chunks=(chunk_rows, dim),
-                dtype=dtype, compressors=_compressor(), fill_value=0, zarr_format=3,
-            )
+            self.array = create_array(self.array_dir, (n_rows, dim), (chunk_rows, dim), dtype)
             (self.dir / "job.json").write_text(json.dumps(job, sort_keys=True, default=str))
+        except BaseException:
+            self.discard()
+            raise
+
+    def _finished_before(self) -> str | None:
+        marker = self.dir / FINAL
+        if not marker.is_file():
+            return None
+        rel = marker.read_text().strip()
+        if (self.root / rel).is_dir() and not self.array_dir.exists():
+            return rel
+        marker.unlink()                   # stopped before the rename: the array is still in staging
+        return None
 
     @property
     def n_chunks(self) -> int:
@@ -76,6 +148,8 @@ class StagedArray:
         return i * self.chunk_rows, min((i + 1) * self.chunk_rows, self.n_rows)
 
     def done_chunks(self) -> set[int]:
+        if self.finished:
+            return set(range(self.n_chunks))
         return {int(p.name) for p in self.done_dir.iterdir() if p.name.isdigit()}
 
     def write_chunk(self, i: int, values: np.ndarray) -> None:
@@ -84,6 +158,7 @@ class StagedArray:
             raise ValueError(f"chunk {i}: expected shape {(stop - start, self.dim)}, got {values.shape}")
         if not np.all(np.isfinite(values)):
             raise ValueError(f"chunk {i} of {self.backbone}/{self.dataset} has non-finite values")
+        self.written.append(i)
         self.array[start:stop] = values.astype(self.dtype, copy=False)
         # The marker is written only after the chunk's bytes are: it is the resume point.
         marker = self.done_dir / str(i)
@@ -93,29 +168,90 @@ class StagedArray:
 
     def finish(self) -> str:
         """Move the complete array to its final place; returns its path relative to the root."""
+        if self.finished:
+            return self.finished
         missing = set(range(self.n_chunks)) - self.done_chunks()
         if missing:
             raise RuntimeError(f"cannot finish {self.backbone}/{self.dataset}: {len(missing)} chunks missing")
         rel = f"{safe_name(self.backbone)}/{safe_name(self.dataset)}/{uuid.uuid4().hex[:12]}"
         final = self.root / rel
         final.parent.mkdir(parents=True, exist_ok=True)
+        _write_synced(self.dir / FINAL, rel)          # first say where it goes, then move it
         os.replace(self.array_dir, final)
+        self.finished = rel
         return rel
+
+    def rollback(self) -> None:
+        """Undo what this run wrote (after a failure such as a full disk): the staging directory
+        if this run made it, else the chunks (and markers) it added."""
+        if self.created:
+            self.discard()
+            return
+        for i in self.written:
+            with contextlib.suppress(OSError):
+                (self.done_dir / str(i)).unlink()
+            for key in _chunk_files(self.array_dir, i):
+                with contextlib.suppress(OSError):
+                    key.unlink()
+        self.written = []
 
     def discard(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _chunk_files(array_dir: Path, i: int):
+    return [array_dir / "c" / str(i) / "0"]
+
+
+def discard_staging(root: Path, staging_dir: Path) -> None:
+    """Remove a staging directory, and the finished array it moved out but never committed."""
+    marker = staging_dir / FINAL
+    if marker.is_file():
+        rel = marker.read_text().strip()
+        if rel and ".." not in rel.split("/"):
+            shutil.rmtree(Path(root) / rel, ignore_errors=True)
+    shutil.rmtree(staging_dir, ignore_errors=True)
 
 
 def open_array(root: Path, rel: str):
     return zarr.open_array(str(Path(root) / rel), mode="r")
 
 
-def read_rows(array, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+def _find_bad_chunk(array, rel: str, lo_chunk: int, hi_chunk: int) -> ChunkError | None:
+    """Which chunk of ``[lo_chunk, hi_chunk]`` cannot be read, as a :class:`ChunkError` (None: all can)."""
+    chunk = array.chunks[0]
+    for c in range(lo_chunk, hi_chunk + 1):
+        rows = (c * chunk, min((c + 1) * chunk, array.shape[0]))
+        try:
+            array[rows[0]:rows[1]]
+        except MissingChunk:
+            return ChunkError(rel, c, rows, "missing (its file is gone)")
+        except (ValueError, RuntimeError) as e:
+            what = "its CRC-32C checksum does not match" if "checksum" in str(e).lower() else str(e).split("\n")[0]
+            return ChunkError(rel, c, rows, f"damaged ({what})")
+    return None
+
+
+def _read(array, lo: int, hi: int, rel: str | None):
+    try:
+        return array[lo:hi]
+    except (MissingChunk, ValueError, RuntimeError):
+        if rel is None:
+            raise
+        bad = _find_bad_chunk(array, rel, lo // array.chunks[0], (hi - 1) // array.chunks[0])
+        if bad is None:
+            raise
+        raise bad from None
+
+
+def read_rows(array, rows: np.ndarray, out: np.ndarray | None = None, rel: str | None = None) -> np.ndarray:
     """Rows ``rows`` (sorted, unique) of a row-chunked array, reading only the chunks they touch.
 
     Contiguous runs of needed chunks are read as one slice (zarr decodes their chunks
     concurrently), then the wanted rows are picked out in memory, straight into ``out``
     when given (any float dtype; saves a copy when the caller assembles several arrays).
+    With ``rel`` (the array's path in the store), a damaged or missing chunk is a
+    :class:`ChunkError` naming it.
     """
     rows = np.asarray(rows, dtype=np.int64)
     if out is None:
@@ -123,7 +259,7 @@ def read_rows(array, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndar
     if len(rows) == 0:
         return out
     if len(rows) == array.shape[0]:
-        out[:] = array[:]
+        out[:] = _read(array, 0, array.shape[0], rel)
         return out
     chunk = array.chunks[0]
     needed = np.unique(rows // chunk)
@@ -133,12 +269,25 @@ def read_rows(array, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndar
     for run in np.split(needed, breaks):
         lo, hi = int(run[0]) * chunk, min((int(run[-1]) + 1) * chunk, array.shape[0])
         a, b = np.searchsorted(rows, [lo, hi])
-        block = array[lo:hi]
+        block = _read(array, lo, hi, rel)
         if block.dtype == out.dtype:
             np.take(block, rows[a:b] - lo, axis=0, out=out[a:b])
         else:                                   # e.g. float16 stored, float32 asked for
             out[a:b] = np.take(block, rows[a:b] - lo, axis=0)
     return out
+
+
+def check_array(array, rel: str) -> list[str]:
+    """Every chunk of ``array`` read and checked (checksums where it has them); the problems found."""
+    problems = []
+    chunk = array.chunks[0]
+    for c in range(-(-array.shape[0] // chunk)):
+        lo, hi = c * chunk, min((c + 1) * chunk, array.shape[0])
+        try:
+            _read(array, lo, hi, rel)
+        except ChunkError as e:
+            problems.append(str(e).split(": re-extract")[0])
+    return problems
 
 
 class IOStats:
@@ -164,24 +313,46 @@ class IOStats:
 
 
 class CountingStore(zarr.storage.WrapperStore):
-    """A zarr Store wrapper that counts every byte read through it in an :class:`IOStats`."""
+    """A zarr Store wrapper that counts every byte read through it in an :class:`IOStats`.
 
-    def __init__(self, store, stats: IOStats):
+    With ``strict`` (set once the array is known to have every chunk written), an absent
+    chunk is a :class:`MissingChunk` instead of zarr's silent fill value.
+    """
+
+    def __init__(self, store, stats: IOStats, strict: list | None = None):
         super().__init__(store)
         self.stats = stats
+        self.strict = strict if strict is not None else [False]     # shared by the copies zarr makes
 
     def _with_store(self, store):
-        return type(self)(store, self.stats)
+        return type(self)(store, self.stats, self.strict)
+
+    def _missing(self, key):
+        if self.strict[0] and not key.endswith("zarr.json"):
+            raise MissingChunk(key)
 
     async def get(self, key, prototype, byte_range=None):
         buf = await self._store.get(key, prototype, byte_range)
-        if buf is not None:
+        if buf is None:
+            self._missing(key)
+        else:
             self.stats.add(len(buf))
         return buf
 
     async def get_partial_values(self, prototype, key_ranges):
         bufs = await self._store.get_partial_values(prototype, key_ranges)
-        for buf in bufs:
-            if buf is not None:
+        for (key, _), buf in zip(key_ranges, bufs):
+            if buf is None:
+                self._missing(key)
+            else:
                 self.stats.add(len(buf))
         return bufs
+
+
+def open_counted(inner, stats: IOStats, rel: str):
+    """The array at ``rel`` of the zarr store ``inner``, read-only, its reads counted; strict about
+    missing chunks when it was written with checksums."""
+    root = CountingStore(inner, stats)
+    array = zarr.open_array(store=root, path=rel, mode="r", zarr_format=3)
+    root.strict[0] = is_checked(array)
+    return array

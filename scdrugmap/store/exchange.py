@@ -30,7 +30,11 @@ from .. import __version__
 from ..errors import UserError
 from . import arrays
 from .source import sha256_file
-from .store import Store, _first_line, commit_array, now
+from .common import first_line as _first_line
+from .common import check_writable_dir, disk_error_or, now
+from .cleanup import disk_rollback, reclaim
+from .locks import job_lock
+from .store import Store, commit_staged
 
 FORMATS = {".h5ad": "h5ad", ".parquet": "parquet", ".pq": "parquet", ".npy": "npy"}
 BACKBONE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+:@-]{0,99}$")
@@ -61,8 +65,7 @@ def export(store: Store, backbone: str, to, where: str | None = None, overwrite:
     kind = _format(to, ("h5ad", "parquet"))
     if to.exists() and not overwrite:
         raise UserError(f"{to} exists: choose another file or pass --force to replace it")
-    if not to.parent.exists():
-        raise UserError(f"folder {to.parent} does not exist: create it first")
+    check_writable_dir(to.parent, f"the export {to.name}")
     tmp = to.with_name(f".{to.name}.part")
     try:
         if kind == "h5ad":
@@ -73,6 +76,8 @@ def export(store: Store, backbone: str, to, where: str | None = None, overwrite:
             X, cells = store.load(backbone, where=where)
             _write_parquet(store, backbone, where, X, cells, tmp)
         os.replace(tmp, to)
+    except BaseException as e:
+        raise disk_error_or(e, to, "writing the export")
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -237,6 +242,15 @@ def _alignment(names, store_names: np.ndarray, dataset: str, where: str) -> np.n
     return None if np.array_equal(pos, np.arange(n)) else pos
 
 
+def _check_block(block, source: Path, lo: int, hi: int, out_dtype: str) -> None:
+    block = np.asarray(block, dtype=np.float64)
+    if not np.all(np.isfinite(block)):
+        raise UserError(f"{source} has NaN or infinite values (in the rows of cells {lo}-{hi - 1}): "
+                        "embeddings must be finite")
+    if out_dtype == "float16" and np.abs(block).max(initial=0) > np.finfo(np.float16).max:
+        raise UserError(f"{source} has values beyond the float16 range: import with --dtype float32")
+
+
 def import_embeddings(store: Store, dataset: str, backbone: str, source, key: str | None = None,
                       cell_ids=None, cell_col: str | None = None, dtype: str | None = None,
                       replace: bool = False, params: dict | None = None,
@@ -289,28 +303,30 @@ def import_embeddings(store: Store, dataset: str, backbone: str, source, key: st
     info = {"origin": "external", "format": kind, "file": source.name, "file_sha256": sha256_file(source),
             "key": key, "aligned_by": aligned_by, "source_dtype": X.dtype.name, **(params or {})}
     job = {"params": info, "source_sha256": row["source_sha256"]}
-    staged = arrays.StagedArray(store.embeddings_path, backbone, dataset, n, dim, out_dtype, chunk_rows, job)
-    try:
-        inverse = None if order is None else np.argsort(order)      # store row -> file row
-        for i in range(staged.n_chunks):
-            lo, hi = staged.chunk_bounds(i)
-            rows = np.arange(lo, hi) if inverse is None else inverse[lo:hi]
-            block = np.asarray(X[rows], dtype=np.float64 if X.dtype == np.float64 else np.float32)
-            if not np.all(np.isfinite(block)):
-                raise UserError(f"{source} has NaN or infinite values (in the rows of cells {lo}-{hi - 1}): "
-                                "embeddings must be finite")
-            if out_dtype == "float16" and np.abs(block).max(initial=0) > np.finfo(np.float16).max:
-                raise UserError(f"{source} has values beyond the float16 range: import with --dtype float32")
-            staged.write_chunk(i, block)
-        rel = staged.finish()
-    except BaseException:
-        staged.discard()
-        raise
-    old = commit_array(store, rel, {
-        "backbone": backbone, "dataset": dataset, "n_cells": n, "dim": dim,
-        "dtype": out_dtype, "chunk_rows": chunk_rows, "scdrugmap_version": __version__,
-        "checkpoint_sha256": None, "source_sha256": row["source_sha256"],
-        "params": json.dumps(info, sort_keys=True, default=str), "created_at": now(), "origin": "external"})
-    staged.discard()
+    inverse = None if order is None else np.argsort(order)      # store row -> file row
+    for lo in range(0, n, chunk_rows):                           # every check before anything is written
+        rows = np.arange(lo, min(lo + chunk_rows, n)) if inverse is None else inverse[lo:lo + chunk_rows]
+        _check_block(X[rows], source, lo, lo + len(rows), out_dtype)
+    with job_lock(store.path, f"extract-{arrays.safe_name(backbone)}", f"import or extraction of backbone {backbone!r}"):
+        reclaim(store, backbone)
+        staged = arrays.StagedArray(store.embeddings_path, backbone, dataset, n, dim, out_dtype, chunk_rows, job)
+        try:
+            with disk_rollback(staged, store.embeddings_path, f"writing the imported {backbone} embeddings"):
+                done = staged.done_chunks()
+                for i in range(staged.n_chunks):
+                    if i in done:
+                        continue
+                    lo, hi = staged.chunk_bounds(i)
+                    rows = np.arange(lo, hi) if inverse is None else inverse[lo:hi]
+                    staged.write_chunk(i, np.asarray(X[rows], dtype=np.float64 if X.dtype == np.float64
+                                                     else np.float32))
+        except BaseException:
+            staged.discard()
+            raise
+        old = commit_staged(store, staged, {
+            "backbone": backbone, "dataset": dataset, "n_cells": n, "dim": dim,
+            "dtype": out_dtype, "chunk_rows": chunk_rows, "scdrugmap_version": __version__,
+            "checkpoint_sha256": None, "source_sha256": row["source_sha256"],
+            "params": json.dumps(info, sort_keys=True, default=str), "created_at": now(), "origin": "external"})
     return ImportReport(backbone, dataset, n, dim, out_dtype, aligned_by, order is not None, bool(old))
 

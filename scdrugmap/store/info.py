@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .. import __version__
 from .schema import SCHEMA_VERSION
+from .cleanup import reclaimable
 from .store import Store
 
 
@@ -44,12 +45,13 @@ def store_info(store: Store) -> dict:
             "feature_spaces": len({p.get("space_id") for p in params}),
             "scdrugmap_version": ", ".join(sorted(set(group["scdrugmap_version"]))),
         })
-    if store.read_only:
+    if store.remote:
         index_bytes, models_bytes = getattr(store, "index_size", 0), None
         manifest = None
     else:
         index_bytes, models_bytes = store.index_path.stat().st_size, _dir_bytes(store.path / "models")
         manifest = _manifest_note(store.path / "manifest.json")
+    leftovers = None if store.remote else reclaimable(store)
     emb = [b["bytes"] for b in backbones]
     embeddings_bytes = None if any(b is None for b in emb) else int(sum(emb))
     return {
@@ -63,7 +65,7 @@ def store_info(store: Store) -> dict:
         "bytes": {"index": int(index_bytes), "embeddings": embeddings_bytes, "models": models_bytes,
                   "total": None if embeddings_bytes is None or models_bytes is None
                   else int(index_bytes + embeddings_bytes + models_bytes)},
-        "pack_manifest": manifest,
+        "pack_manifest": manifest, "reclaimable": leftovers,
     }
 
 

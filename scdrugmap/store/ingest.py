@@ -6,7 +6,9 @@ the absence of one) exactly as it was.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -19,7 +21,9 @@ from .. import __version__
 from ..errors import UserError
 from . import source as src
 from .schema import CELL_CORE_COLUMNS, COHORT_VIEW, DATASET_CONTEXT_COLUMNS
-from .store import Store, is_url, local_path, now
+from .common import INDEX, DiskError, disk_errno, is_url, local_path, now
+from .locks import work_dir
+from .store import Store
 
 DATASET_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
@@ -189,38 +193,79 @@ def validate(req: IngestRequest, show_progress: bool = False):
 
 
 def ingest(store_path, req: IngestRequest, show_progress: bool = False) -> IngestReport:
+    """Validate ``req.file`` completely, then register it in the store at ``store_path``.
+
+    A new store is built in a hidden sibling folder and renamed into place with its first
+    dataset, so a killed first ingest leaves no half-made store (the folder is removed by the
+    next command that creates the store). Whether the dataset is already there is decided
+    inside the write transaction, so two ingests of one name cannot both succeed."""
     if is_url(store_path):
         raise UserError(f"{store_path} is a URL: stores opened by URL are read-only; ingest into a local store")
     dataset_row, cells, warnings = validate(req, show_progress)
     store_path = local_path(store_path)
-    existed = store_path.exists() and (store_path / "index.duckdb").exists()
-    store = Store.open(store_path) if existed else None
-    if store is not None:
-        present = req.dataset in store.dataset_names()
-        if present and not req.replace:
-            raise UserError(f"dataset {req.dataset!r} is already in the store: pass --replace to re-ingest it "
-                            "(its embeddings and probe results are dropped)")
-    else:
-        present = False
-        store = Store.create(store_path)
-    try:
-        stale_arrays = _register(store, dataset_row, cells, replace=present)
-    except BaseException:
-        if not existed:
-            shutil.rmtree(store_path, ignore_errors=True)
-        raise
+    if not (store_path / INDEX).exists():
+        if store_path.exists() and (not store_path.is_dir() or any(store_path.iterdir())):
+            raise UserError(f"{store_path} exists and is not a scdrugmap store: choose a new or empty directory")
+        if _create_with(store_path, dataset_row, cells):
+            return _report(req, dataset_row, False, warnings)
+    store = Store.open(store_path)            # existed, or another ingest created it meanwhile
+    store.require_writable("ingest")
+    present, stale_arrays = _register(store, dataset_row, cells, replace=req.replace)
     for rel in stale_arrays:
         shutil.rmtree(store.embeddings_path / rel, ignore_errors=True)
+    return _report(req, dataset_row, present, warnings)
+
+
+def _report(req, dataset_row, replaced, warnings) -> IngestReport:
     return IngestReport(req.dataset, dataset_row["n_cells"], dataset_row["n_genes"], dataset_row["n_sensitive"],
                         dataset_row["n_resistant"], dataset_row["gene_id_type"], dataset_row["value_kind"],
-                        present, warnings)
+                        replaced, warnings)
 
 
-def _register(store: Store, dataset_row: dict, cells: pd.DataFrame, replace: bool) -> list[str]:
+def _create_with(store_path: Path, dataset_row: dict, cells: pd.DataFrame) -> bool:
+    """Create the store at ``store_path`` holding the dataset; False when another process created
+    it first (then nothing of ours remains)."""
+    made = [p for p in reversed(store_path.parents) if not p.exists()]
+    try:
+        store_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        code = disk_errno(e)
+        if code is None:
+            raise
+        raise DiskError(code, store_path.parent, "creating the store's folder") from None
+    try:
+        with work_dir(store_path, "creating") as work:
+            _register(Store.create(work / "store"), dataset_row, cells, replace=False)
+            try:
+                if store_path.is_dir() and not any(store_path.iterdir()):
+                    store_path.rmdir()                  # an empty directory named by the user
+                os.rename(work / "store", store_path)
+            except OSError:
+                if (store_path / INDEX).exists():       # another ingest made the store first
+                    return False
+                raise
+        return True
+    except BaseException as e:
+        for p in reversed(made):
+            with contextlib.suppress(OSError):
+                p.rmdir()
+        code = disk_errno(e)
+        if code is not None and not isinstance(e, UserError):
+            raise DiskError(code, store_path, "creating the store") from None
+        raise
+
+
+def _register(store: Store, dataset_row: dict, cells: pd.DataFrame, replace: bool) -> tuple[bool, list[str]]:
+    """Insert the dataset (replacing it when ``replace``); returns whether it was there, and the
+    arrays of the replaced dataset (to delete once the transaction is committed)."""
     name = dataset_row["dataset"]
     with store.transaction() as con:
         stale = []
-        if replace:
+        present = con.execute("SELECT 1 FROM datasets WHERE dataset = ?", [name]).fetchone() is not None
+        if present and not replace:
+            raise UserError(f"dataset {name!r} is already in the store: pass --replace to re-ingest it "
+                            "(its embeddings and probe results are dropped)")
+        if present:
             stale = [r[0] for r in con.execute("SELECT array_path FROM provenance WHERE dataset = ?", [name]).fetchall()]
             runs = [r[0] for r in con.execute(
                 "SELECT run_id FROM probe_runs WHERE list_contains(datasets, ?)", [name]).fetchall()]
@@ -248,4 +293,4 @@ def _register(store: Store, dataset_row: dict, cells: pd.DataFrame, replace: boo
         con.execute(f"INSERT INTO cells ({names}) SELECT {names} FROM incoming_cells")
         con.unregister("incoming_cells")
         con.execute(COHORT_VIEW)
-    return stale
+    return present, stale

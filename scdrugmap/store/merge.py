@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,9 +25,12 @@ import duckdb
 import pandas as pd
 
 from ..errors import UserError
-from .pack import _make_parent, _remove_empty
+from .pack import _make_parent, _remove_empty, check_destination
 from .schema import CELL_CORE_COLUMNS, COHORT_VIEW
-from .store import INDEX, Store, _first_line, is_url, local_path, now
+from .common import INDEX, DiskError, disk_errno, is_url, local_path, now
+from .locks import wait_for_index, work_dir
+from .common import first_line as _first_line
+from .store import Store
 
 # what makes two ingests of a dataset the same (besides the name)
 DATASET_IDENTITY = ("source_sha256", "n_cells", "n_genes", "source_layer", "value_kind", "gene_id_type",
@@ -216,23 +218,27 @@ def merge(a, b, into, prefer: str | None = None) -> MergeReport:
                             f"({stores[side].path}): the store is damaged; re-extract it (--force) first")
 
     warnings = _space_warnings({k: data[s]["provenance"][k] for k, s in prov_side.items()})
+    check_destination(into, "the merged store")
     created = _make_parent(into)
-    staging = into.parent / f".{into.name}.merging-{uuid.uuid4().hex[:8]}"
     try:
-        merged = Store.create(staging)
-        _merge_index(merged, stores, ds_side, prov_side, run_side, prefer or "A")
-        for key, side in prov_side.items():
-            rel = data[side]["provenance"][key]["array_path"]
-            shutil.copytree(stores[side].embeddings_path / rel, merged.embeddings_path / rel)
-        for rel, side in model_side.items():
-            (staging / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(data[side]["models"][rel], staging / rel)
-        if into.exists():
-            into.rmdir()
-        os.replace(staging, into)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        with work_dir(into, "merging") as work:
+            staging = work / "store"
+            merged = Store.create(staging)
+            _merge_index(merged, stores, ds_side, prov_side, run_side, prefer or "A")
+            for key, side in prov_side.items():
+                rel = data[side]["provenance"][key]["array_path"]
+                shutil.copytree(stores[side].embeddings_path / rel, merged.embeddings_path / rel)
+            for rel, side in model_side.items():
+                (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(data[side]["models"][rel], staging / rel)
+            if into.exists():
+                into.rmdir()
+            os.replace(staging, into)
+    except BaseException as e:
         _remove_empty(created)
+        code = disk_errno(e)
+        if code is not None and not isinstance(e, UserError):
+            raise DiskError(code, into, "writing the merged store") from None
         raise
     return MergeReport(into, sorted(ds_side), sorted({k[0] for k in prov_side}), len(run_side),
                        conflicts, dropped, warnings, time.perf_counter() - t0)
@@ -261,11 +267,11 @@ def _merge_index(merged: Store, stores: dict, ds_side: dict, prov_side: dict, ru
         raise UserError(f"cannot create {merged.index_path}: {_first_line(e)}") from None
     try:
         for side, alias in aliases.items():
+            path = str(stores[side].path / INDEX)
             try:
-                con.execute(f"ATTACH ? AS {alias} (READ_ONLY)", [str(stores[side].path / INDEX)])
+                wait_for_index(lambda: con.execute(f"ATTACH ? AS {alias} (READ_ONLY)", [path]), stores[side].location)
             except duckdb.Error as e:
-                raise UserError(f"cannot read store {side} ({stores[side].path}): {_first_line(e)} "
-                                "(is another scdrugmap command writing to it?)") from None
+                raise UserError(f"cannot read store {side} ({stores[side].path}): {_first_line(e)}") from None
         con.execute("BEGIN TRANSACTION")
         # cells: the union of both stores' obs columns; a column typed differently becomes VARCHAR
         columns: dict[str, str] = {}

@@ -19,6 +19,7 @@ import duckdb
 
 from .. import __version__
 from ..errors import UserError
+from .common import DISK_ERRNOS, DiskError, first_line, now
 from .schema import SCHEMA_VERSION, ZERO_SHOT_CACHE_DDL
 
 
@@ -61,33 +62,32 @@ def steps(version: int) -> list[Migration]:
     return [MIGRATIONS[v] for v in range(version, SCHEMA_VERSION)]
 
 
-def migrate(index_path, version: int, where: str) -> list[Migration]:
-    """Bring the index at ``index_path`` from ``version`` to the current one; returns the steps run."""
-    check_version(version, where)
-    todo = steps(version)
-    if not todo:
-        return []
-    from .store import now
+def migrate(store, version: int) -> list[Migration]:
+    """Bring ``store``'s index from ``version`` to the current one; returns the steps run.
 
-    try:
-        con = duckdb.connect(str(index_path))
-    except duckdb.Error as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    The version is read again inside the write transaction, so two commands that open an old
+    store at once migrate it once."""
+    where = f"store {store.location}"
+    check_version(version, where)
+    if not steps(version):
+        return []
+    if store.read_only and not store.remote:
         raise UserError(f"{where} has schema version {version} and must be migrated to version {SCHEMA_VERSION} "
-                        f"before use, but its index cannot be written ({first}): run 'scdrugmap store migrate "
-                        f"{where}' where the store is writable (and no other command is using it)") from None
+                        f"before use, but it is read-only ({store.read_only_reason}): run 'scdrugmap store migrate "
+                        f"{store.location}' where the store is writable")
     try:
-        con.execute("BEGIN TRANSACTION")
-        try:
+        with store.write_index() as con:
+            version = int(con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
+            todo = steps(version)
             for step in todo:
                 step.apply(con)
             con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION)])
-            con.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)",
-                        [f"migrated_from_{version}", f"{now().isoformat()} by scdrugmap {__version__}"])
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
-        con.execute("COMMIT")
-    finally:
-        con.close()
+            if todo:
+                con.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                            [f"migrated_from_{version}", f"{now().isoformat()} by scdrugmap {__version__}"])
+    except (duckdb.Error, DiskError) as e:
+        reason = DISK_ERRNOS.get(e.errno, "refused") if isinstance(e, DiskError) else first_line(e)
+        raise UserError(f"{where} has schema version {version} and must be migrated to version {SCHEMA_VERSION} "
+                        f"before use, but its index cannot be written ({reason}): run 'scdrugmap store "
+                        f"migrate {store.location}' where the store is writable") from None
     return todo

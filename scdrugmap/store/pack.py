@@ -33,7 +33,6 @@ import re
 import shutil
 import tarfile
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,7 +41,10 @@ import duckdb
 from .. import __version__
 from ..errors import UserError
 from .schema import SCHEMA_VERSION
-from .store import EMBEDDINGS, INDEX, Store, _first_line, is_url, local_path, now
+from .common import EMBEDDINGS, INDEX, check_writable_dir, disk_error_or, is_url, local_path, now
+from .common import first_line as _first_line
+from .locks import work_dir
+from .store import Store
 
 MANIFEST = "manifest.json"
 FORMAT = "scdrugmap-store-pack"
@@ -51,6 +53,7 @@ BLOCK = 1 << 20
 ZSTD_LEVEL = 1          # as small as level 3 on embedding chunks, 3x faster (benchmarks/share_bench.py)
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 MODELS = "models"
+FINETUNE = "finetune"
 KINDS = ("dir", "tar", "tar.zst")
 _REFUSED_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".zip", ".gz", ".bz2", ".xz",
                      ".zst", ".7z")
@@ -60,6 +63,12 @@ MAX_LISTED = 10
 # ---- manifest ------------------------------------------------------------------------------
 def _canonical(obj) -> bytes:
     return (json.dumps(obj, sort_keys=True, indent=1, ensure_ascii=True, allow_nan=False) + "\n").encode()
+
+
+def manifest_digest(manifest: dict) -> str:
+    """The sha256 of ``manifest.json`` as written: the one value a sender publishes (apart from the
+    pack) so that a receiver can tell the pack is the one sent (``store verify --expect``)."""
+    return hashlib.sha256(encode_manifest(manifest)).hexdigest()
 
 
 def encode_manifest(manifest: dict) -> bytes:
@@ -195,6 +204,14 @@ def strip_index_paths(index_path, dest) -> None:
         con.execute("DETACH src")
 
 
+def check_destination(path: Path, what: str) -> None:
+    """A one-line error unless ``path`` can be created: its nearest existing folder must be writable."""
+    folder = Path(path).parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    check_writable_dir(folder, what)
+
+
 def _make_parent(path: Path) -> list[Path]:
     """Create ``path``'s missing parent folders; returns them, so a failure can remove them."""
     missing = [p for p in reversed(path.parents) if not p.exists()]
@@ -218,6 +235,7 @@ class PackReport:
     out_bytes: int          # bytes of the pack as written
     seconds: float
     manifest: dict
+    digest: str             # sha256 of manifest.json: publish it beside the pack
 
 
 def pack_kind(out) -> str:
@@ -242,11 +260,13 @@ def _store_files(store: Store, index_copy: Path, provenance: list[dict]) -> list
         for p in sorted(root.rglob("*")):
             if p.is_file():
                 files.append((f"{EMBEDDINGS}/{row['array_path']}/{p.relative_to(root).as_posix()}", p))
-    models = store.path / MODELS
-    if models.is_dir():
-        for p in sorted(models.rglob("*")):
-            if p.is_file():
-                files.append((f"{MODELS}/{p.relative_to(models).as_posix()}", p))
+    for folder in (MODELS, FINETUNE):           # model fits; fine-tuning folds (adapters, heads, splits)
+        root = store.path / folder
+        if root.is_dir():
+            for p in sorted(root.rglob("*")):
+                rel = p.relative_to(root).as_posix()
+                if p.is_file() and not any(part.startswith(".") for part in rel.split("/")):   # no work files
+                    files.append((f"{folder}/{rel}", p))
     return files
 
 
@@ -303,72 +323,71 @@ def pack(store_path, out, strip_paths: bool = False, zstd_level: int = ZSTD_LEVE
     out = local_path(out)
     kind = pack_kind(out)
     _check_out(out, store.path, kind)
+    check_destination(out, "the pack")
     if kind == "tar.zst":
         zstandard = _zstandard()
     created = _make_parent(out)
-    work = out.parent / f".{out.name}.packing-{uuid.uuid4().hex[:8]}"
-    work.mkdir()
     try:
-        index_copy = work / INDEX
-        _snapshot_index(store, index_copy, strip_paths)
-        summary = index_summary(index_copy)
-        files = _store_files(store, index_copy, summary["provenance"])
-        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "scdrugmap_version": __version__,
-                    "created_at": now().isoformat(timespec="seconds"), "paths_stripped": bool(strip_paths),
-                    **summary}
-        entries = {}
-        if kind == "dir":
-            tree = work / "tree"
-            for rel, path in files:
-                target = tree / rel
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with open(target, "wb") as f:
-                    digest, size = _hash_file(path, sink=f)
-                entries[rel] = {"sha256": digest, "size": size}
-            manifest["files"] = entries
-            manifest["total_bytes"] = sum(e["size"] for e in entries.values())
-            raw = encode_manifest(manifest)
-            (tree / MANIFEST).write_bytes(raw)
-            if out.exists():
-                out.rmdir()
-            os.replace(tree, out)
-            out_bytes = manifest["total_bytes"] + len(raw)
-        else:
-            stats = {}
-            for rel, path in files:                      # pass 1: hashes, so the manifest can go first
-                digest, size = _hash_file(path)
-                entries[rel] = {"sha256": digest, "size": size}
-                st = path.stat()
-                stats[rel] = (st.st_size, st.st_mtime_ns)
-            manifest["files"] = entries
-            manifest["total_bytes"] = sum(e["size"] for e in entries.values())
-            raw = encode_manifest(manifest)
-            mtime = int(time.time())
-            part = work / "pack.part"
-            with open(part, "wb") as fh:
-                sink = zstandard.ZstdCompressor(level=zstd_level, write_checksum=True).stream_writer(
-                    fh, closefd=False) \
-                    if kind == "tar.zst" else fh
-                with tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT, bufsize=BLOCK) as tar:
-                    tar.copybufsize = BLOCK
-                    tar.addfile(_tar_info(MANIFEST, len(raw), mtime), io.BytesIO(raw))
-                    for rel, path in files:               # pass 2: the bytes, checked unchanged
-                        st = path.stat()
-                        if (st.st_size, st.st_mtime_ns) != stats[rel]:
-                            raise UserError(f"{rel} changed while the store was being packed: pack again when no "
-                                            "command is writing to the store")
-                        with open(path, "rb") as f:
-                            tar.addfile(_tar_info(rel, st.st_size, mtime), f)
-                if sink is not fh:
-                    sink.close()
-            out_bytes = part.stat().st_size
-            os.replace(part, out)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
+        with work_dir(out, "packing") as work:
+            index_copy = work / INDEX
+            _snapshot_index(store, index_copy, strip_paths)
+            summary = index_summary(index_copy)
+            files = _store_files(store, index_copy, summary["provenance"])
+            manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "scdrugmap_version": __version__,
+                        "created_at": now().isoformat(timespec="seconds"), "paths_stripped": bool(strip_paths),
+                        **summary}
+            entries = {}
+            if kind == "dir":
+                tree = work / "tree"
+                for rel, path in files:
+                    target = tree / rel
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    with open(target, "wb") as f:
+                        digest, size = _hash_file(path, sink=f)
+                    entries[rel] = {"sha256": digest, "size": size}
+                manifest["files"] = entries
+                manifest["total_bytes"] = sum(e["size"] for e in entries.values())
+                raw = encode_manifest(manifest)
+                (tree / MANIFEST).write_bytes(raw)
+                if out.exists():
+                    out.rmdir()
+                os.replace(tree, out)
+                out_bytes = manifest["total_bytes"] + len(raw)
+            else:
+                stats = {}
+                for rel, path in files:                      # pass 1: hashes, so the manifest can go first
+                    digest, size = _hash_file(path)
+                    entries[rel] = {"sha256": digest, "size": size}
+                    st = path.stat()
+                    stats[rel] = (st.st_size, st.st_mtime_ns)
+                manifest["files"] = entries
+                manifest["total_bytes"] = sum(e["size"] for e in entries.values())
+                raw = encode_manifest(manifest)
+                mtime = int(time.time())
+                part = work / "pack.part"
+                with open(part, "wb") as fh:
+                    sink = zstandard.ZstdCompressor(level=zstd_level, write_checksum=True).stream_writer(
+                        fh, closefd=False) \
+                        if kind == "tar.zst" else fh
+                    with tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT, bufsize=BLOCK) as tar:
+                        tar.copybufsize = BLOCK
+                        tar.addfile(_tar_info(MANIFEST, len(raw), mtime), io.BytesIO(raw))
+                        for rel, path in files:               # pass 2: the bytes, checked unchanged
+                            st = path.stat()
+                            if (st.st_size, st.st_mtime_ns) != stats[rel]:
+                                raise UserError(f"{rel} changed while the store was being packed: pack again when no "
+                                                "command is writing to the store")
+                            with open(path, "rb") as f:
+                                tar.addfile(_tar_info(rel, st.st_size, mtime), f)
+                    if sink is not fh:
+                        sink.close()
+                out_bytes = part.stat().st_size
+                os.replace(part, out)
+    except BaseException as e:
         _remove_empty(created)
-        raise
-    shutil.rmtree(work, ignore_errors=True)
-    return PackReport(out, kind, len(entries), manifest["total_bytes"], out_bytes, time.perf_counter() - t0, manifest)
+        raise disk_error_or(e, out, "writing the pack")
+    return PackReport(out, kind, len(entries), manifest["total_bytes"], out_bytes, time.perf_counter() - t0, manifest,
+                      manifest_digest(manifest))
 
 
 def _zstandard():
@@ -393,6 +412,10 @@ class VerifyReport:
     @property
     def ok(self) -> bool:
         return not self.problems
+
+    @property
+    def digest(self) -> str:
+        return manifest_digest(self.manifest)
 
     def summary(self) -> str:
         listed = "; ".join(self.problems[:MAX_LISTED])
@@ -559,14 +582,26 @@ def _walk(path: Path, kind: str, sink_for=None) -> tuple[dict, _Checker]:
         return manifest, checker
 
 
-def verify(path) -> VerifyReport:
-    """Check every file of a pack (or of a store unpacked from one) against its manifest."""
+def verify(path, expect: str | None = None) -> VerifyReport:
+    """Check every file of a pack (or of a store unpacked from one) against its manifest.
+
+    The manifest checks itself, so this finds damage, not tampering: someone who rewrites a pack
+    can rewrite its manifest too. ``expect``, the manifest digest the sender published
+    (:func:`manifest_digest`, printed by ``store pack``), closes that gap: a pack whose manifest
+    differs from the one sent fails."""
     t0 = time.perf_counter()
     path = _check_source(path)
+    if expect is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", expect.strip()):
+        raise UserError(f"--expect {expect!r} is not a sha256 digest (64 hexadecimal digits, as printed by "
+                        "'scdrugmap store pack')")
     kind = source_kind(path)
     manifest, checker = _walk(path, kind)
-    return VerifyReport(path, kind, manifest, len(checker.seen), checker.n_bytes, time.perf_counter() - t0,
-                        checker.problems)
+    report = VerifyReport(path, kind, manifest, len(checker.seen), checker.n_bytes, time.perf_counter() - t0,
+                          checker.problems)
+    if expect is not None and report.digest != expect.strip().lower():
+        report.problems.insert(0, f"{MANIFEST}: its sha256 is {report.digest}, not the expected {expect.strip()} "
+                                  "(this is not the pack that was published)")
+    return report
 
 
 @dataclass
@@ -591,29 +626,27 @@ def unpack(src, dest) -> UnpackReport:
     kind = source_kind(src)
     if kind == "dir":                      # refuse a newer schema before writing anything
         _check_schema(parse_manifest((src / MANIFEST).read_bytes(), src), src)
+    check_destination(dest, "the unpacked store")
     created = _make_parent(dest)
-    staging = dest.parent / f".{dest.name}.unpacking-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
-
-    def sink_for(rel: str):
-        target = staging / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        return open(target, "wb")
-
     try:
-        manifest, checker = _walk(src, kind, sink_for)
-        if checker.problems:
-            problems = VerifyReport(src, kind, manifest, problems=checker.problems).summary()
-            raise UserError(f"{src} failed verification, nothing was unpacked: {problems}")
-        (staging / MANIFEST).write_bytes(encode_manifest(manifest))
-        (staging / EMBEDDINGS).mkdir(exist_ok=True)
-        if dest.exists():
-            dest.rmdir()
-        os.replace(staging, dest)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        with work_dir(dest, "unpacking") as staging:
+            def sink_for(rel: str):
+                target = staging / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                return open(target, "wb")
+
+            manifest, checker = _walk(src, kind, sink_for)
+            if checker.problems:
+                problems = VerifyReport(src, kind, manifest, problems=checker.problems).summary()
+                raise UserError(f"{src} failed verification, nothing was unpacked: {problems}")
+            (staging / MANIFEST).write_bytes(encode_manifest(manifest))
+            (staging / EMBEDDINGS).mkdir(exist_ok=True)
+            if dest.exists():
+                dest.rmdir()
+            os.replace(staging, dest)
+    except BaseException as e:
         _remove_empty(created)
-        raise
+        raise disk_error_or(e, dest, "unpacking")
     store = Store.open(dest)              # migrates a pack of an older schema version
     return UnpackReport(dest, len(checker.seen), checker.n_bytes, time.perf_counter() - t0, manifest,
                         [m.description for m in store.migrated])

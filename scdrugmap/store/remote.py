@@ -30,11 +30,11 @@ import os
 import tempfile
 from pathlib import Path
 
-import zarr
-
 from ..errors import UserError
 from . import arrays
-from .store import EMBEDDINGS, INDEX, Store, _first_line
+from .common import EMBEDDINGS, INDEX
+from .common import first_line as _first_line
+from .store import URL_OPENERS, Store
 
 # fields of fsspec's ``info()`` that change when a file is rewritten (besides its size)
 _VALIDATORS = ("ETag", "etag", "LastModified", "Last-Modified", "last_modified", "mtime", "md5Hash", "generation")
@@ -74,7 +74,9 @@ def _describe(e: BaseException) -> str:
 class RemoteStore(Store):
     """A store read through fsspec; see the module docstring."""
 
+    remote = True
     read_only = True
+    read_only_reason = "opened by URL"
 
     def __init__(self, url: str, storage_options: dict | None = None, cache_dir=None):
         self.url = url.rstrip("/")
@@ -88,7 +90,7 @@ class RemoteStore(Store):
         self.io = arrays.IOStats()
         self.migrated = []
         self.index_size = 0
-        self._zarr_root = None
+        self._zarr_inner = None
         self._fs = None
 
     @property
@@ -173,14 +175,13 @@ class RemoteStore(Store):
 
     # ---- embeddings ----------------------------------------------------------------------
     def open_array(self, rel: str):
-        if self._zarr_root is None:
+        if self._zarr_inner is None:
             from zarr.storage import FsspecStore
 
-            inner = FsspecStore.from_url(self.embeddings_url, storage_options=self.storage_options or None,
-                                         read_only=True)
-            self._zarr_root = arrays.CountingStore(inner, self.io)
+            self._zarr_inner = FsspecStore.from_url(self.embeddings_url, storage_options=self.storage_options or None,
+                                                    read_only=True)
         try:
-            return zarr.open_array(store=self._zarr_root, path=rel, mode="r", zarr_format=3)
+            return arrays.open_counted(self._zarr_inner, self.io, rel)
         except FileNotFoundError:
             raise UserError(f"embedding array {rel} is missing at {self.embeddings_url}: the remote store is "
                             "incomplete (was it uploaded whole?)") from None
@@ -202,3 +203,6 @@ class RemoteStore(Store):
             return int(self._filesystem().du(self._remote(f"{EMBEDDINGS}/{rel}")))
         except Exception:
             return None
+
+
+URL_OPENERS.append(RemoteStore.open_url)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +46,10 @@ def open_h5ad(path):
         import h5py
         if not h5py.is_hdf5(path):
             raise UserError(f"{path} is not an .h5ad file (not HDF5): convert it with anndata's write_h5ad")
-        return ad.read_h5ad(path, backed="r")
+        with warnings.catch_warnings():
+            # duplicate obs/var names: ingest refuses duplicate cells itself, with its own one-line error
+            warnings.filterwarnings("ignore", message=r".* names are not unique", category=UserWarning)
+            return ad.read_h5ad(path, backed="r")
     except UserError:
         raise
     except Exception as e:  # anndata raises many types for a malformed file

@@ -1,50 +1,47 @@
 """The embedding store: ``DIR/index.duckdb`` (what is there) + ``DIR/embeddings.zarr/`` (the vectors).
 
 Connections are short-lived, one per operation, so a notebook holding a :class:`Store`
-never locks out a CLI command on the same directory. Reads go through a read-only
-connection; every change goes through :meth:`Store.transaction`, so a failing command
-leaves the index exactly as it was.
+never locks out a CLI command on the same directory, and a command that finds the index
+busy waits for it (:mod:`.locks`). Reads go through a read-only connection that cannot reach
+the file system (:mod:`.sql`); every change goes through :meth:`Store.transaction`, so a
+failing command, a full disk included, leaves the index exactly as it was.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import re
+import os
+import shutil
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
+from importlib import import_module
 from pathlib import Path
 
 import duckdb
 import numpy as np
 import pandas as pd
-import zarr
 
 from .. import __version__
 from ..errors import UserError
-from . import arrays
+from . import arrays, migrations
+from .common import EMBEDDINGS, INDEX, DiskError, disk_errno, first_line, is_url, local_path, mb, now
+from .locks import wait_for_index
 from .schema import COHORT_VIEW, DDL, SCHEMA_VERSION
+from .sql import READ_CONFIG, check_condition, check_select, embed
 
-INDEX = "index.duckdb"
-EMBEDDINGS = "embeddings.zarr"
-ALLOWED_STATEMENTS = {"SELECT", "EXPLAIN"}
+__all__ = ["Store", "check_select", "commit_array", "commit_staged", "insert_provenance", "is_url", "local_path",
+           "now", "INDEX", "EMBEDDINGS"]
+
 # Columns of ``provenance`` in table order; write rows by name (insert_provenance), never by position.
 PROVENANCE_COLUMNS = ("backbone", "dataset", "array_path", "n_cells", "dim", "dtype", "chunk_rows",
                       "scdrugmap_version", "checkpoint_sha256", "source_sha256", "params", "created_at", "origin")
-_URL_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
-
-
-def is_url(path) -> bool:
-    """True for 's3://...', 'https://...' and other fsspec URLs (a 'file://' URL is a local path)."""
-    m = _URL_RE.match(path) if isinstance(path, str) else None
-    return bool(m) and m.group(1).lower() != "file"
-
-
-def local_path(path) -> Path:
-    """``path`` as a local Path ('file://' stripped)."""
-    if isinstance(path, str) and path.lower().startswith("file://"):
-        path = path[len("file://"):]
-    return Path(path)
+# what DuckDB says when the index file itself is damaged (its blocks carry checksums)
+_DAMAGE_WORDS = ("Corrupt database file", "not a valid DuckDB database file", "Could not read enough bytes",
+                 "checksum", "database file is truncated")
+# How stores given by URL are opened: modules that append an opener to URL_OPENERS when imported
+# (a plugin hook, like the backbone registry's; this module never imports them by name).
+URL_OPENER_MODULES = ("scdrugmap.store.remote",)
+URL_OPENERS: list = []
 
 
 def insert_provenance(con, row: dict) -> None:
@@ -60,12 +57,16 @@ def insert_provenance(con, row: dict) -> None:
 def commit_array(store: "Store", rel: str, row: dict) -> bool:
     """Point the index at the finished array ``rel`` for ``row``'s backbone x dataset, in one
     transaction, replacing (and then deleting) any previous array; if the index write fails the
-    new array is removed, so nothing half-registered remains. Returns whether one was replaced."""
-    import shutil
+    new array is removed, so nothing half-registered remains. Returns whether one was replaced.
 
+    Refused when the dataset was re-ingested (another source sha256) while the array was made."""
     row = {**row, "array_path": rel}
     try:
         with store.transaction() as con:
+            current = con.execute("SELECT source_sha256 FROM datasets WHERE dataset = ?", [row["dataset"]]).fetchone()
+            if current is None or current[0] != row["source_sha256"]:
+                raise UserError(f"dataset {row['dataset']!r} was re-ingested or removed while its {row['backbone']} "
+                                "embeddings were being made: run the command again")
             old = con.execute("SELECT array_path FROM provenance WHERE backbone = ? AND dataset = ?",
                               [row["backbone"], row["dataset"]]).fetchone()
             con.execute("DELETE FROM provenance WHERE backbone = ? AND dataset = ?", [row["backbone"], row["dataset"]])
@@ -73,37 +74,30 @@ def commit_array(store: "Store", rel: str, row: dict) -> bool:
     except BaseException:
         shutil.rmtree(store.embeddings_path / rel, ignore_errors=True)
         raise
-    if old:
+    if old and old[0] != rel:
         shutil.rmtree(store.embeddings_path / old[0], ignore_errors=True)
     return bool(old)
 
 
-def now() -> datetime:
-    return datetime.now(timezone.utc).replace(tzinfo=None)
+def commit_staged(store: "Store", staged: arrays.StagedArray, row: dict) -> bool:
+    """Finish ``staged`` (unless an earlier run did), commit it (:func:`commit_array`), drop the staging."""
+    old = commit_array(store, staged.finish(), row)
+    staged.discard()
+    return old
 
 
-def check_select(query: str, what: str = "query") -> None:
-    """Refuse anything but one read-only statement, before it reaches the database."""
-    try:
-        statements = duckdb.extract_statements(query)
-    except duckdb.Error as e:
-        raise UserError(f"SQL syntax error in {what}: {_first_line(e)}") from None
-    if not statements:
-        raise UserError(f"the {what} is empty: give a SELECT statement")
-    if len(statements) > 1:
-        raise UserError(f"the {what} holds {len(statements)} statements: give exactly one SELECT")
-    kind = statements[0].type.name
-    if kind not in ALLOWED_STATEMENTS:
-        raise UserError(f"the {what} is a {kind} statement: the store is read-only here, only SELECT is allowed")
+def _damaged(err: BaseException) -> bool:
+    return isinstance(err, duckdb.Error) and any(w in str(err) for w in _DAMAGE_WORDS)
 
 
-def _mb(n: int) -> str:
-    return f"{n:,} B" if n < 1e6 else f"{n / 1e6:,.2f} MB"
-
-
-def _first_line(err: Exception) -> str:
-    text = " ".join(str(err).split("\n")[:1]).strip()
-    return text or type(err).__name__
+def _not_writable(path: Path) -> str | None:
+    """Why the store directory cannot be written, or None when it can."""
+    if os.access(path, os.W_OK) and (not (path / INDEX).exists() or os.access(path / INDEX, os.W_OK)):
+        return None
+    with contextlib.suppress(OSError, AttributeError):
+        if os.statvfs(path).f_flag & os.ST_RDONLY:
+            return "read-only file system"
+    return "no write permission"
 
 
 class Store:
@@ -114,7 +108,8 @@ class Store:
     >>> X, cells = store.load("pca", where="cancer_type = 'Lung cancer'")  # doctest: +SKIP
     """
 
-    read_only = False      # True for stores opened by URL (scdrugmap.store.remote)
+    remote = False         # True for stores opened by URL (scdrugmap.store.remote)
+    read_only = False      # True for URL stores and for directories this process cannot write
 
     def __init__(self, path):
         self.path = Path(path)
@@ -122,6 +117,7 @@ class Store:
         self.embeddings_path = self.path / EMBEDDINGS
         self.io = arrays.IOStats()
         self.migrated: list = []          # schema migrations applied when this store was opened
+        self.read_only_reason: str | None = None
 
     @property
     def location(self) -> str:
@@ -143,43 +139,49 @@ class Store:
         (``cache_dir``, default $SCDRUGMAP_CACHE_DIR or ~/.cache/scdrugmap) and only the
         embedding chunks of the selected rows are read (see :mod:`scdrugmap.store.remote`).
         ``storage_options`` go to fsspec (e.g. ``{"anon": True}`` or an ``endpoint_url``).
-        A store of an older schema version is migrated; a newer one is refused.
+        A store of an older schema version is migrated; a newer one is refused. A directory
+        this process cannot write opens read-only (``read_only``, ``read_only_reason``).
         """
         if is_url(path):
-            from .remote import RemoteStore
-
-            return RemoteStore.open_url(path, storage_options=storage_options, cache_dir=cache_dir)
+            if not URL_OPENERS:
+                for module in URL_OPENER_MODULES:
+                    import_module(module)
+            return URL_OPENERS[0](path, storage_options=storage_options, cache_dir=cache_dir)
         path = local_path(path)
         store = cls(path)
         if not path.exists():
             raise UserError(f"store {path} does not exist: create it with 'scdrugmap ingest ... --store {path}'")
         if not path.is_dir() or not store.index_path.is_file():
             raise UserError(f"{path} is not a scdrugmap store (no {INDEX}): point --store at a store directory")
+        store.read_only_reason = _not_writable(path)
+        store.read_only = store.read_only_reason is not None
         store._check_schema()
         return store
 
     def _check_schema(self) -> None:
         """Refuse a newer schema; migrate an older one (in place: the index file is local)."""
-        from . import migrations
-
         version = self._schema_version()
         migrations.check_version(version, f"store {self.location}")
         if version < SCHEMA_VERSION:
-            self.migrated = migrations.migrate(self.index_path, version, self.location)
+            self.migrated = migrations.migrate(self, version)
 
     def require_writable(self, action: str) -> None:
-        """A clear error when ``action`` would write to a read-only (URL) store."""
+        """A clear error when ``action`` would write to a store this process cannot write."""
+        if self.read_only:
+            raise UserError(f"the store {self.location} is read-only ({self.read_only_reason}): {action} writes to "
+                            "it; copy the store to a place you can write (or 'scdrugmap store pack' it and unpack "
+                            "the pack there) and point --store at the copy")
 
     def io_summary(self) -> str:
         """One line: the bytes this Store has read (``--verbose`` prints it)."""
         io = self.io
         parts = []
-        if self.read_only:
+        if self.remote:
             size = getattr(self, "index_size", 0)
-            parts.append(f"index {_mb(size)} (cached copy, nothing transferred)" if io.index_cached
-                         else f"index {_mb(io.index_bytes)} downloaded")
-        parts.append(f"embeddings {_mb(io.chunk_bytes)} in {io.requests:,} objects")
-        return f"bytes read from {self.location}: {_mb(io.total)} ({', '.join(parts)})"
+            parts.append(f"index {mb(size)} (cached copy, nothing transferred)" if io.index_cached
+                         else f"index {mb(io.index_bytes)} downloaded")
+        parts.append(f"embeddings {mb(io.chunk_bytes)} in {io.requests:,} objects")
+        return f"bytes read from {self.location}: {mb(io.total)} ({', '.join(parts)})"
 
     def array_nbytes(self, rel: str) -> int | None:
         """Bytes of one embedding array on disk."""
@@ -188,7 +190,10 @@ class Store:
 
     @classmethod
     def create(cls, path) -> "Store":
-        """Create an empty store at ``path`` (an absent or empty directory)."""
+        """Create an empty store at ``path`` (an absent or empty directory).
+
+        Used on a work folder that is then renamed into place (see :func:`.ingest.ingest`), so
+        that a store appears complete or not at all."""
         path = Path(path)
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise UserError(f"{path} exists and is not a scdrugmap store: choose a new or empty directory")
@@ -205,59 +210,97 @@ class Store:
                     ("created_at", now().isoformat()),
                 ])
             store.embeddings_path.mkdir(exist_ok=True)
-        except BaseException:
-            import shutil
+        except BaseException as e:
             shutil.rmtree(path, ignore_errors=True)
+            code = disk_errno(e)
+            if code is not None:
+                raise DiskError(code, path, "creating the store") from None
             raise
         return store
 
-    @classmethod
-    def open_or_create(cls, path) -> "Store":
-        if is_url(path):
-            raise UserError(f"{path} is a URL: stores opened by URL are read-only, create a store in a local "
-                            "directory")
-        path = local_path(path)
-        if path.exists() and (path / INDEX).exists():
-            return cls.open(path)
-        return cls.create(path)
-
     def _schema_version(self) -> int:
-        try:
-            with self.connect() as con:
+        with self.connect() as con:
+            try:
                 row = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        except duckdb.Error:
-            raise UserError(f"{self.path} is not a scdrugmap store (unreadable index): "
-                            "point --store at a store directory") from None
+            except duckdb.CatalogException:
+                raise UserError(f"{self.location} is not a scdrugmap store (its {INDEX} has no meta table): "
+                                "point --store at a store directory") from None
         if row is None:
             raise UserError(f"{self.location} is not a scdrugmap store (no schema version)")
         return int(row[0])
 
     # ---- connections ---------------------------------------------------------------------
+    def _index_error(self, err: BaseException) -> UserError:
+        """The one-line error for an index that cannot be opened or read."""
+        if _damaged(err):
+            return UserError(f"the index of store {self.location} is damaged ({first_line(err)}): restore the store "
+                             f"from its pack ('scdrugmap store unpack') or a backup; 'scdrugmap store verify "
+                             f"{self.location}' checks the rest")
+        code = disk_errno(err)
+        if code is not None:
+            return DiskError(code, self.index_path, "opening the index")
+        return UserError(f"cannot open {self.index_path}: {first_line(err)}")
+
     @contextlib.contextmanager
     def connect(self, read_only: bool = True):
+        """A connection to the index. Read-only ones cannot reach the file system (:mod:`.sql`);
+        a busy index is waited for (:func:`.locks.wait_for_index`)."""
+        def open_connection():
+            return duckdb.connect(str(self.index_path), read_only=read_only,
+                                  config=READ_CONFIG if read_only else {})
+
         try:
-            con = duckdb.connect(str(self.index_path), read_only=read_only)
-        except duckdb.IOException as e:
-            raise UserError(f"cannot open {self.index_path}: {_first_line(e)} "
-                            "(is another scdrugmap command writing to this store?)") from None
+            con = wait_for_index(open_connection, self.location)
+        except duckdb.Error as e:
+            raise self._index_error(e) from None
         try:
             yield con
+        except duckdb.Error as e:
+            if _damaged(e):
+                raise self._index_error(e) from None
+            raise
         finally:
             con.close()
 
     @contextlib.contextmanager
     def transaction(self):
-        """A read-write connection whose changes are committed together or not at all."""
-        with self.connect(read_only=False) as con:
-            con.execute("BEGIN TRANSACTION")
-            try:
-                yield con
-            except BaseException:
-                con.execute("ROLLBACK")
-                raise
-            con.execute("COMMIT")
+        """A read-write connection whose changes are committed together or not at all.
+
+        When the disk refuses the write (full, read-only) the change is rolled back, the empty
+        write-ahead log DuckDB leaves is removed, and a :class:`~.common.DiskError` says why."""
+        self.require_writable("writing to the index")
+        with self.write_index() as con:
+            yield con
+
+    @contextlib.contextmanager
+    def write_index(self):
+        """:meth:`transaction` without the read-only check (migrating a URL store's local copy)."""
+        wal = self.index_path.with_name(INDEX + ".wal")
+        had_wal = wal.exists()
+        try:
+            with self.connect(read_only=False) as con:
+                con.execute("BEGIN TRANSACTION")
+                try:
+                    yield con
+                except BaseException:
+                    with contextlib.suppress(duckdb.Error):
+                        con.execute("ROLLBACK")
+                    raise
+                con.execute("COMMIT")
+        except BaseException as e:
+            if not had_wal:
+                with contextlib.suppress(OSError):
+                    if wal.stat().st_size == 0:
+                        wal.unlink()
+            code = disk_errno(e)
+            if code is not None and not isinstance(e, UserError):
+                raise DiskError(code, self.index_path, "writing the index") from None
+            raise
 
     # ---- SQL -----------------------------------------------------------------------------
+    def _query_error(self, err: duckdb.Error, prefix: str) -> UserError:
+        return self._index_error(err) if _damaged(err) else UserError(f"{prefix}: {first_line(err)}")
+
     def sql(self, query: str, params=None) -> pd.DataFrame:
         """Run one read-only SELECT against the index and return a DataFrame."""
         check_select(query)
@@ -265,7 +308,7 @@ class Store:
             try:
                 return con.execute(query, params).df() if params else con.execute(query).df()
             except duckdb.Error as e:
-                raise UserError(f"SQL error: {_first_line(e)}") from None
+                raise self._query_error(e, "SQL error") from None
 
     def datasets(self) -> pd.DataFrame:
         with self.connect() as con:
@@ -290,20 +333,20 @@ class Store:
     def cells(self, where: str | None = None, datasets=None) -> pd.DataFrame:
         """Cells of the ``cohort`` view matching ``where`` (SQL), in store order (dataset, row)."""
         query = "SELECT * FROM cohort"
-        clauses = []
+        clauses, params = [], []
         if where:
-            clauses.append(f"({where})")
+            clauses.append(embed(check_condition(where, "cohort")))
         if datasets:
-            clauses.append("dataset IN (" + ", ".join("'" + d.replace("'", "''") + "'" for d in datasets) + ")")
+            clauses.append("list_contains(?, dataset)")
+            params.append(list(datasets))
         if clauses:
             query += " WHERE " + " AND ".join(clauses)
-        query += ' ORDER BY dataset, "row"'
-        check_select(query, what="--where clause")
+        query += '\nORDER BY dataset, "row"'
         with self.connect() as con:
             try:
-                frame = con.execute(query).df()
+                frame = con.execute(query, params).df()
             except duckdb.Error as e:
-                raise UserError(f"invalid --where {where!r}: {_first_line(e)}") from None
+                raise self._query_error(e, f"invalid --where {where!r}") from None
         if where and frame.empty:
             raise UserError(f"--where {where!r} matches no cells: check it with "
                             f"'scdrugmap query \"SELECT count(*) FROM cohort WHERE {where}\"'")
@@ -325,16 +368,39 @@ class Store:
         """The embedding array at ``rel`` (a ``provenance.array_path``), read-only, its reads counted."""
         from zarr.storage import LocalStore
 
-        root = arrays.CountingStore(LocalStore(str(self.embeddings_path), read_only=True), self.io)
-        return zarr.open_array(store=root, path=rel, mode="r", zarr_format=3)
+        if not (self.embeddings_path / rel / "zarr.json").is_file():
+            raise arrays.ArrayMissing(rel)
+        try:
+            return arrays.open_counted(LocalStore(str(self.embeddings_path), read_only=True), self.io, rel)
+        except (ValueError, TypeError, KeyError) as e:      # zarr.json unreadable
+            raise UserError(f"embedding array {rel} is damaged (its zarr.json cannot be read: {first_line(e)}): "
+                            "re-extract it (--force), or restore the store from its pack") from None
 
     def load(self, backbone: str, where: str | None = None, datasets=None,
              dtype=None) -> tuple[np.ndarray, pd.DataFrame]:
         """Embeddings of the selected cells, row-aligned with the returned cells frame.
 
-        Only the chunks holding selected rows are read.
+        Only the chunks holding selected rows are read, and checked (checksums). An array
+        replaced by a concurrent ``extract --force`` while it was read is read again from its
+        successor; a damaged or missing chunk is a one-line error naming it.
         """
         cells = self.cells(where, datasets)
+        for attempt in range(3):
+            prov = self._embedding_rows(backbone, cells)
+            try:
+                return self._read_embeddings(prov, cells, dtype), cells.reset_index(drop=True)
+            except (arrays.ArrayMissing, arrays.ChunkError) as e:
+                again = self._embedding_rows(backbone, cells)
+                if attempt == 2 or again["array_path"].equals(prov["array_path"]):
+                    if isinstance(e, arrays.ArrayMissing):
+                        raise UserError(f"embedding array {e.rel} of backbone {backbone!r} is missing from "
+                                        f"{self.location}: the store is damaged; re-extract it (--force), or "
+                                        "restore the store from its pack") from None
+                    raise
+        raise AssertionError("unreachable")
+
+    def _embedding_rows(self, backbone: str, cells: pd.DataFrame) -> pd.DataFrame:
+        """The provenance rows (indexed by dataset) of ``backbone`` for the datasets of ``cells``."""
         prov = self.provenance(backbone)
         if prov.empty:
             have = self.extracted_backbones()
@@ -345,33 +411,43 @@ class Store:
         if missing:
             raise UserError(f"backbone {backbone!r} is not extracted for dataset(s) {', '.join(missing)}: "
                             f"run 'scdrugmap extract --backbone {backbone} --dataset {missing[0]}'")
-        dims = {int(prov.loc[d, "dim"]) for d in cells["dataset"].unique()}
+        prov = prov.loc[sorted(cells["dataset"].unique())]
+        dims = set(prov["dim"].astype(int))
         if len(dims) > 1:
             raise UserError(f"backbone {backbone!r} has different dims across the selected datasets {sorted(dims)}: "
                             "re-extract them with the same parameters (--force)")
-        spaces = {json.loads(prov.loc[d, "params"]).get("space_id") for d in cells["dataset"].unique()}
+        spaces = {json.loads(p).get("space_id") for p in prov["params"]}
         if len(spaces) > 1:
             raise UserError(f"backbone {backbone!r} embeddings of the selected datasets lie in different feature "
                             f"spaces {sorted(map(str, spaces))}: re-extract them together with --force")
-        dim = dims.pop() if dims else 0
-        stored = [np.dtype(prov.loc[d, "dtype"]) for d in cells["dataset"].unique()]
+        return prov
+
+    def _read_embeddings(self, prov: pd.DataFrame, cells: pd.DataFrame, dtype) -> np.ndarray:
+        dim = int(prov["dim"].iloc[0]) if len(prov) else 0
+        stored = [np.dtype(d) for d in prov["dtype"]]
         out_dtype = np.dtype(dtype) if dtype else np.result_type(*stored)
         X = np.empty((len(cells), dim), dtype=out_dtype)
         # cells come ordered by dataset: each dataset is one contiguous block of rows of X
         names = cells["dataset"].to_numpy()
-        starts = np.r_[0, np.flatnonzero(names[1:] != names[:-1]) + 1]
+        starts = np.r_[0, np.flatnonzero(names[1:] != names[:-1]) + 1] if len(names) else np.array([], int)
         bounds = {names[lo]: (lo, hi) for lo, hi in zip(starts, np.r_[starts[1:], len(names)])}
         rows = cells["row"].to_numpy()
 
         def read(dataset):
             lo, hi = bounds[dataset]
-            arr = self.open_array(prov.loc[dataset, "array_path"])
-            arrays.read_rows(arr, rows[lo:hi], out=X[lo:hi])
+            row = prov.loc[dataset]
+            rel = row["array_path"]
+            arr = self.open_array(rel)
+            expected = (int(row["n_cells"]), int(row["dim"]))
+            if tuple(arr.shape) != expected or str(arr.dtype) != row["dtype"]:
+                raise UserError(f"embedding array {rel} is {arr.shape} {arr.dtype} where the index says {expected} "
+                                f"{row['dtype']}: the store is damaged; re-extract it (--force)")
+            arrays.read_rows(arr, rows[lo:hi], out=X[lo:hi], rel=rel)
 
         # datasets are read concurrently (decoding releases the GIL); each fills its own rows
         with ThreadPoolExecutor(max_workers=4) as pool:
             list(pool.map(read, bounds))
-        return X, cells.reset_index(drop=True)
+        return X
 
     def to_anndata(self, backbone: str, where: str | None = None, datasets=None):
         """An AnnData with the embedding in ``obsm['X_<backbone>']`` and the cells as ``obs``."""

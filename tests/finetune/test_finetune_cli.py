@@ -89,7 +89,7 @@ def test_geneformer_pooled_and_cross_beside_the_frozen_probe(cli, base, store):
     run_dir = store / "finetune" / pooled["run_id"]
     assert sorted(p.name for p in run_dir.iterdir()) == ["fold-1", "fold-2", "fold-3", "fold-4", "fold-5", "run.json"]
     fold = run_dir / "fold-3"
-    assert {p.name for p in fold.iterdir()} == {"adapter", "head.pt", "split.npz", "provenance.json", "done"}
+    assert {p.name for p in fold.iterdir()} == {"adapter", "head.safetensors", "split.npz", "provenance.json", "done"}
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in (fold / "adapter").iterdir()}
     prov = json.loads((fold / "provenance.json").read_text())
     assert prov["split"] == "fold3" and prov["n_fit"] + prov["n_validation"] == prov["n_train"] == 96

@@ -219,7 +219,9 @@ def test_strip_json_reduces_absolute_paths_to_file_names():
     (["store", "pack", "{store}", "{tmp}/exists.tar"], "exists"),
     (["store", "pack", "s3://bucket/st", "{tmp}/x.tar"], "URL"),
     (["store", "verify", "{tmp}/nothing.tar"], "does not exist"),
-    (["store", "verify", "{store}"], "no manifest.json"),
+    (["store", "verify", "{tmp}/full"], "holds no pack manifest"),     # neither a store nor a pack
+    (["store", "verify", "{store}", "--expect", "{sha}"], "is a store, not a pack"),
+    (["store", "verify", "{tmp}/good.tar", "--expect", "12ab"], "not a sha256 digest"),
     (["store", "verify", "{tmp}/exists.tar"], "not a readable tar archive"),
     (["store", "unpack", "{tmp}/exists.tar", "{tmp}/dest"], "not a readable tar archive"),
     (["store", "unpack", "{tmp}/good.tar", "{tmp}/full"], "not empty"),
@@ -233,7 +235,7 @@ def test_bad_input_is_one_line_and_writes_nothing(cli, small_store, tmp_path, ar
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
     before_store, before_tmp = snapshot(small_store), snapshot(tmp_path)
-    cli.fails(*[a.format(tmp=tmp_path, store=small_store) for a in args], match=match)
+    cli.fails(*[a.format(tmp=tmp_path, store=small_store, sha="0" * 64) for a in args], match=match)
     assert snapshot(small_store) == before_store and snapshot(tmp_path) == before_tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exists.tar", "full", "good.tar"]
 

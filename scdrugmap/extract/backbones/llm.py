@@ -54,8 +54,8 @@ class GeneSentenceLLM(TorchBackbone):
     default_dim = "model's hidden size"
     default_batch_size = 16
     options = {**TorchBackbone.options,
-               "top_k": Option(100, "genes per cell sentence", int),
-               "max_tokens": Option(512, "token limit of a sentence (truncated beyond)", int)}
+               "top_k": Option(100, "genes per cell sentence", int, min=1),
+               "max_tokens": Option(512, "token limit of a sentence (truncated beyond)", int, min=2)}
 
     # LoRA targets (``scdrugmap finetune``): the attention and feed-forward projections under the
     # names the common Hugging Face architectures give them (Llama/Mistral/Qwen/OPT ``*_proj``,

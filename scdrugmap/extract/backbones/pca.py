@@ -9,6 +9,7 @@ every dataset that has ``pca`` embeddings is being (re-)extracted, e.g. ``--forc
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -16,6 +17,7 @@ import os
 import numpy as np
 
 from ...errors import UserError
+from ...store.common import disk_error_or
 from .hvg import PanelExpression
 from ..registry import Option, register
 
@@ -27,9 +29,9 @@ class PanelPCA(PanelExpression):
     default_dim = 50
     options = {
         **PanelExpression.options,
-        "n_components": Option(50, "number of components", int),
-        "fit_cells": Option(50_000, "at most this many cells (seeded sample) are used for the fit", int),
-        "seed": Option(0, "seed of the fit's cell sample and solver", int),
+        "n_components": Option(50, "number of components", int, min=1),
+        "fit_cells": Option(50_000, "at most this many cells (seeded sample) are used for the fit", int, min=2),
+        "seed": Option(0, "seed of the fit's cell sample and solver", int, min=0),
     }
 
     fit = None
@@ -62,12 +64,31 @@ class PanelPCA(PanelExpression):
             return
         self.fit = self._fit(sources)
         folder = store.path / "models" / "pca"
-        folder.mkdir(parents=True, exist_ok=True)
+        made = [p for p in (folder.parent, folder) if not p.exists()]
         # write-then-rename: under torchrun every rank saves the same (deterministic) fit
         final = folder / f"{self.fit['fit_id']}.npz"
         tmp = folder / f".{final.stem}.{os.getpid()}.npz"
-        np.savez(tmp, **{k: v for k, v in self.fit.items() if k != "fit_id"})
-        os.replace(tmp, final)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            np.savez(tmp, **{k: v for k, v in self.fit.items() if k != "fit_id"})
+            os.replace(tmp, final)
+        except BaseException as e:
+            tmp.unlink(missing_ok=True)
+            for p in reversed(made):
+                with contextlib.suppress(OSError):
+                    p.rmdir()
+            raise disk_error_or(e, folder, "saving the pca fit")
+
+    def undo_prepare(self, store) -> None:
+        if self.fit is None:
+            return
+        used = {json.loads(p).get("fit_id") for p in store.provenance(self.name)["params"]}
+        if self.fit["fit_id"] not in used:
+            folder = store.path / "models" / "pca"
+            (folder / f"{self.fit['fit_id']}.npz").unlink(missing_ok=True)
+            for p in (folder, folder.parent):
+                with contextlib.suppress(OSError):
+                    p.rmdir()
 
     def _fit(self, sources) -> dict:
         from sklearn.decomposition import PCA

@@ -344,7 +344,7 @@ class ScGPT(TorchBackbone):
         "precision": Option("auto", "auto (fp16 on CUDA, as the official embed_data; fp32 on CPU), fp32, bf16 or fp16"),
         "max_length": Option(0, "tokens per cell, <cls> included (0: args.json max_seq_len, 1200 for the release)",
                              int),
-        "seed": Option(0, "seeds the random tie-breaking of binning and gene sampling above max_length", int),
+        "seed": Option(0, "seeds the random tie-breaking of binning and gene sampling above max_length", int, min=0),
     }
 
     # LoRA targets (``scdrugmap finetune``): the packed q/k/v projection and the output

@@ -64,7 +64,7 @@ class TGPT(TorchBackbone):
     summary = "tGPT (GPT-2 over ranked gene symbols); mean of the last layer over gene tokens"
     default_dim = 1024
     options = {**TorchBackbone.options,
-               "max_length": Option(64, "tokens per cell, start and end tokens included", int)}
+               "max_length": Option(64, "tokens per cell, start and end tokens included", int, min=3)}
 
     # LoRA targets (``scdrugmap finetune``): GPT-2's packed q/k/v and output projections (Conv1D),
     # its feed-forward layers

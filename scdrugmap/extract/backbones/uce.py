@@ -491,11 +491,11 @@ class UCE(TorchBackbone):
         **TorchBackbone.options,
         "checkpoint": Option("", "state dict file in --model-dir (default: the only *.torch besides all_tokens.torch)"),
         "species": Option("human", f"species of the datasets ({', '.join(SPECIES_FILES)})"),
-        "nlayers": Option(0, "transformer layers (0: from the checkpoint's keys; must agree with them)", int),
-        "seed": Option(0, "seeds each cell's gene sampling, with the dataset name and the cell's counts", int),
+        "nlayers": Option(0, "transformer layers (0: from the checkpoint's keys; must agree with them)", int, min=0),
+        "seed": Option(0, "seeds each cell's gene sampling, with the dataset name and the cell's counts", int, min=0),
         "padding_mask": Option("proper", "proper (padded keys masked out) or official (additive +1.0 on padded "
                                          "keys, every cell padded to 1,536)"),
-        "min_cells": Option(10, "drop genes detected in fewer cells of the dataset (official filter; 0: off)", int),
+        "min_cells": Option(10, "drop genes detected in fewer cells of the dataset (official filter; 0: off)", int, min=0),
     }
 
     # LoRA targets (``scdrugmap finetune``): the layers' attention and feed-forward projections. The

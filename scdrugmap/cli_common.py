@@ -1,0 +1,125 @@
+"""What every ``scdrugmap`` command module shares: the store option, tables, seeds, one-line errors.
+
+Imports only click at module level, so ``scdrugmap --help`` starts without numpy, pandas,
+DuckDB or Zarr; each command imports what it needs when it runs.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import UserError
+
+STORE_HELP = ("Store directory, or a read-only store URL (s3://bucket/prefix, https://host/path); "
+              "or set SCDRUGMAP_STORE.")
+VERBOSE = "scdrugmap.verbose"          # ctx.meta: the stores whose bytes read --verbose prints
+# Seeds go to numpy and scikit-learn, which take 0 <= seed < 2**32.
+SEED = click.IntRange(0, 2**32 - 1)
+
+
+class Main(click.Group):
+    """Turns user errors into one line on stderr and exit code 2 (no traceback): a
+    :class:`UserError` (also a full or read-only disk), and click's usage errors."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        except click.ClickException as e:
+            hint = ""
+            if isinstance(e, click.UsageError) and e.ctx is not None:
+                hint = f" (see '{e.ctx.command_path} --help')"
+            click.echo(f"Error: {' '.join(e.format_message().split())}{hint}", err=True)
+            sys.exit(2 if isinstance(e, click.UsageError) else e.exit_code)
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+    def invoke(self, ctx):
+        try:
+            result = super().invoke(ctx)
+        except UserError as e:
+            click.echo(f"Error: {' '.join(str(e).split())}", err=True)
+            sys.exit(e.exit_code)
+        for store in ctx.meta.get(VERBOSE) or []:
+            click.echo(store.io_summary(), err=True)
+        return result
+
+
+class StoreLocation(click.ParamType):
+    """A store directory (a Path) or a store URL (kept as a string: a Path would mangle '//')."""
+
+    name = "DIR|URL"
+
+    def convert(self, value, param, ctx):
+        from .store.common import is_url, local_path
+
+        if isinstance(value, Path):
+            return value
+        return str(value) if is_url(str(value)) else local_path(str(value))
+
+
+def store_option(f):
+    return click.option("--store", "store_path", envvar="SCDRUGMAP_STORE", required=True,
+                        type=StoreLocation(), help=STORE_HELP)(f)
+
+
+def verbose_option(f):
+    """--verbose: after the command, print the bytes read from the store (index download, chunks)."""
+    def remember(ctx, param, value):
+        if value:
+            ctx.meta.setdefault(VERBOSE, [])
+        return value
+
+    return click.option("--verbose", is_flag=True, expose_value=False, callback=remember,
+                        help="Also print the bytes read from the store (index download and embedding chunks).")(f)
+
+
+def open_store(path):
+    from .store.store import Store
+
+    store = Store.open(path)
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and VERBOSE in ctx.meta:
+        ctx.meta[VERBOSE].append(store)
+    return store
+
+
+def parse_options(pairs, flag: str = "--option") -> dict:
+    """``NAME=VALUE`` pairs as a dict."""
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise UserError(f"{flag} {pair!r} must be NAME=VALUE")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
+
+
+def print_table(frame, title: str | None = None, floatfmt: str = "{:.3f}") -> None:
+    """A readable table on stdout (rich), wide enough for the terminal or a log."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_lines=False, header_style="bold")
+    for col in frame.columns:
+        table.add_column(str(col), justify="right" if frame[col].dtype.kind in "iuf" else "left",
+                         overflow="fold")
+    for row in frame.itertuples(index=False):
+        table.add_row(*[_cell(v, floatfmt) for v in row])
+    Console(width=max(120, Console().width)).print(table)
+
+
+def _cell(value, floatfmt: str) -> str:
+    import math
+
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, float):
+        return floatfmt.format(value)
+    return str(value)

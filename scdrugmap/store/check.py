@@ -1,0 +1,138 @@
+"""``scdrugmap store verify DIR`` on a store that was never packed: every byte that has a
+checksum of its own is read and checked.
+
+* ``index.duckdb``: every table is read in full; DuckDB checks each block's checksum as it
+  reads, so a damaged block is found (and named) here rather than in the middle of a probe.
+* every embedding array the index refers to: present, its ``zarr.json`` readable and agreeing
+  with ``provenance`` (shape, dtype, chunking), and every chunk read, its CRC-32C checked
+  (arrays written before checksums existed can only be decoded, and are listed as such).
+* ``models/*.npz`` (e.g. the PCA fit): every member read, its zip CRC-32 checked.
+
+What this proves is that nothing was damaged since it was written: it does not prove who
+wrote it. For that, verify a pack against the manifest digest its sender published
+(``store verify PACK --expect SHA256``; see :mod:`.pack`).
+"""
+
+from __future__ import annotations
+
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import duckdb
+import numpy as np
+
+from ..errors import UserError
+from . import arrays
+from .common import EMBEDDINGS, INDEX, first_line
+from .store import Store
+
+MAX_LISTED = 10
+
+
+@dataclass
+class StoreCheck:
+    path: Path
+    n_files: int = 0
+    n_bytes: int = 0
+    seconds: float = 0.0
+    problems: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def summary(self) -> str:
+        listed = "; ".join(self.problems[:MAX_LISTED])
+        more = f"; and {len(self.problems) - MAX_LISTED} more" if len(self.problems) > MAX_LISTED else ""
+        return f"{len(self.problems)} problem{'s' if len(self.problems) != 1 else ''}: {listed}{more}"
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def _check_index(store: Store, report: StoreCheck) -> bool:
+    try:
+        with store.connect() as con:
+            tables = [r[0] for r in con.execute(
+                "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database()").fetchall()]
+            for table in tables:
+                con.execute(f'SELECT count(*), sum(hash(COLUMNS(*))) FROM "{table}"').fetchall()  # every value read
+    except UserError as e:
+        report.problems.append(f"{INDEX}: {str(e).split(': restore')[0]}")
+        return False
+    except duckdb.Error as e:
+        report.problems.append(f"{INDEX}: unreadable ({first_line(e)})")
+        return False
+    report.n_files += 1
+    report.n_bytes += store.index_path.stat().st_size
+    return True
+
+
+def _check_arrays(store: Store, report: StoreCheck) -> None:
+    unchecked = []
+    for row in store.provenance().to_dict("records"):
+        rel, where = row["array_path"], f"{row['backbone']} x {row['dataset']}"
+        try:
+            arr = store.open_array(rel)
+        except arrays.ArrayMissing:
+            report.problems.append(f"{EMBEDDINGS}/{rel} ({where}): missing")
+            continue
+        except UserError as e:
+            report.problems.append(str(e).split(": re-extract")[0])
+            continue
+        expected = ((int(row["n_cells"]), int(row["dim"])), row["dtype"], int(row["chunk_rows"]))
+        found = (tuple(arr.shape), str(arr.dtype), int(arr.chunks[0]))
+        if found != expected:
+            report.problems.append(f"{EMBEDDINGS}/{rel} ({where}): shape, dtype and chunks {found} where the index "
+                                   f"says {expected}")
+            continue
+        report.problems.extend(arrays.check_array(arr, rel))
+        if not arrays.is_checked(arr):
+            unchecked.append(where)
+        report.n_files += sum(1 for p in (store.embeddings_path / rel).rglob("*") if p.is_file())
+        report.n_bytes += _size(store.embeddings_path / rel)
+    if unchecked:
+        report.notes.append(f"{len(unchecked)} array(s) were written without chunk checksums (by an older scdrugmap) "
+                            f"and could only be decoded: {', '.join(unchecked[:5])}"
+                            + (" ..." if len(unchecked) > 5 else "") + "; re-extract (--force) to add them")
+
+
+def _check_models(store: Store, report: StoreCheck) -> None:
+    folder = store.path / "models"
+    for path in sorted(folder.rglob("*.npz")) if folder.is_dir() else []:
+        rel = path.relative_to(store.path).as_posix()
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                for key in data.files:
+                    data[key]
+        except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+            report.problems.append(f"{rel}: damaged ({first_line(e)})")
+            continue
+        report.n_files += 1
+        report.n_bytes += path.stat().st_size
+
+
+def verify_store(path) -> StoreCheck:
+    """Check every checksummed byte of the store at ``path`` (see the module docstring)."""
+    t0 = time.perf_counter()
+    path = Path(path)
+    report = StoreCheck(path)
+    # not Store.open: a damaged index is a finding here, and verifying must not migrate (write) anything
+    store = Store(path)
+    if not store.index_path.is_file():
+        raise UserError(f"{path} is not a scdrugmap store (no {INDEX}) and holds no pack manifest: give a store or "
+                        "a pack")
+    if _check_index(store, report):
+        _check_arrays(store, report)
+    _check_models(store, report)
+    finetune = store.path / "finetune"
+    if finetune.is_dir():
+        n = sum(1 for p in finetune.rglob("*") if p.is_file())
+        report.notes.append(f"{n} fine-tuning file(s) under finetune/ have no checksums of their own: a pack of the "
+                            "store covers them (sha256 per file)")
+    report.seconds = time.perf_counter() - t0
+    return report
