@@ -1,8 +1,7 @@
 """scdrugmap: single-cell drug-response prediction with foundation-model embeddings."""
 
-__version__ = "0.1.0"
-
-from .errors import UserError  # noqa: E402
+from ._version import __version__
+from .errors import UserError
 
 __all__ = ["Store", "UserError", "__version__"]
 

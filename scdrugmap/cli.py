@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from . import __version__
+from ._version import __version__
 from .cli_common import (SEED, Main, open_store, parse_options, print_table, store_option,
                          verbose_option)
 from .cli_finetune import finetune

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import __version__
+from .._version import __version__
 from ..errors import UserError
 from ..progress import progress_bar
 from ..store import arrays

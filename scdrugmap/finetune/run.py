@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .. import __version__
+from .._version import __version__
 from ..errors import UserError
 from ..extract import registry
 from ..extract.engine import TorchBackbone

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from .. import __version__
+from .._version import __version__
 from ..errors import UserError
 from ..progress import progress_bar
 from ..store.schema import METRIC_COLUMNS

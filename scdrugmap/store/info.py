@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .. import __version__
+from .._version import __version__
 from .schema import SCHEMA_VERSION
 from .cleanup import reclaimable
 from .store import Store

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .. import __version__
+from .._version import __version__
 from ..errors import UserError
 from . import source as src
 from .schema import CELL_CORE_COLUMNS, COHORT_VIEW, DATASET_CONTEXT_COLUMNS

@@ -17,7 +17,7 @@ from typing import Callable
 
 import duckdb
 
-from .. import __version__
+from .._version import __version__
 from ..errors import UserError
 from .common import DISK_ERRNOS, DiskError, first_line, now
 from .schema import SCHEMA_VERSION, ZERO_SHOT_CACHE_DDL

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import duckdb
 
-from .. import __version__
+from .._version import __version__
 from ..errors import UserError
 from .schema import SCHEMA_VERSION
 from .common import EMBEDDINGS, INDEX, check_writable_dir, disk_error_or, is_url, local_path, now

@@ -21,7 +21,7 @@ import duckdb
 import numpy as np
 import pandas as pd
 
-from .. import __version__
+from .._version import __version__
 from ..errors import UserError
 from . import arrays, migrations
 from .common import EMBEDDINGS, INDEX, DiskError, disk_errno, first_line, is_url, local_path, mb, now
