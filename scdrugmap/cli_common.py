@@ -33,7 +33,8 @@ class Main(click.Group):
         except click.ClickException as e:
             hint = ""
             if isinstance(e, click.UsageError) and e.ctx is not None:
-                hint = f" (see '{e.ctx.command_path} --help')"
+                path = " ".join(["scdrugmap", *e.ctx.command_path.split()[1:]])
+                hint = f" (see '{path} --help')"
             click.echo(f"Error: {' '.join(e.format_message().split())}{hint}", err=True)
             sys.exit(2 if isinstance(e, click.UsageError) else e.exit_code)
         if not standalone_mode:
@@ -106,13 +107,16 @@ def print_table(frame, title: str | None = None, floatfmt: str = "{:.3f}") -> No
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=title, show_lines=False, header_style="bold")
+    table = Table(show_lines=False, header_style="bold")
     for col in frame.columns:
         table.add_column(str(col), justify="right" if frame[col].dtype.kind in "iuf" else "left",
                          overflow="fold")
     for row in frame.itertuples(index=False):
         table.add_row(*[_cell(v, floatfmt) for v in row])
-    Console(width=max(120, Console().width)).print(table)
+    console = Console(width=max(120, Console().width))
+    if title:                       # above the table, not its title: a long one wraps instead of being cut
+        console.print(title, style="italic", markup=False, highlight=False)
+    console.print(table)
 
 
 def _cell(value, floatfmt: str) -> str:

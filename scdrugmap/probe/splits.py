@@ -128,6 +128,31 @@ def _both_classes(y: np.ndarray, folds) -> bool:
     return all(len(np.unique(y[train])) == 2 and len(np.unique(y[test])) == 2 for train, test in folds)
 
 
+SEARCH_GROUPS = 16            # up to this many groups, every 2-fold partition is tried
+
+
+def _two_folds_by_search(y, groups):
+    """The most even 2-fold grouped partition whose four parts all hold both classes, found by
+    trying every partition (few groups only); None if there is none. Used where
+    StratifiedGroupKFold's greedy assignment missed one."""
+    names, inverse = np.unique(groups, return_inverse=True)
+    if len(names) > SEARCH_GROUPS:
+        return None
+    pos = np.bincount(inverse, weights=y == 1, minlength=len(names))
+    neg = np.bincount(inverse, weights=y != 1, minlength=len(names))
+    masks = np.arange(1, 2 ** (len(names) - 1))                       # group 0 always in the second fold
+    member = ((masks[:, None] >> np.arange(len(names))[None, :]) & 1).astype(bool)
+    t_pos, t_neg = member @ pos, member @ neg
+    valid = (t_pos > 0) & (t_neg > 0) & (pos.sum() - t_pos > 0) & (neg.sum() - t_neg > 0)
+    if not valid.any():
+        return None
+    size = t_pos + t_neg
+    best = np.flatnonzero(valid)[np.argmin(np.abs(size[valid] - len(y) / 2))]
+    test_first = member[best][inverse]
+    idx = np.arange(len(y))
+    return [(idx[~test_first], idx[test_first]), (idx[test_first], idx[~test_first])]
+
+
 def _grouped_folds(y, groups, k: int, seed: int, per_class: dict):
     """Grouped folds whose every training and test part holds both classes: ``k`` folds if
     StratifiedGroupKFold's greedy assignment gives that, else the most folds below ``k`` that
@@ -137,6 +162,9 @@ def _grouped_folds(y, groups, k: int, seed: int, per_class: dict):
         folds = list(StratifiedGroupKFold(n_splits=n, shuffle=True, random_state=seed).split(dummy, y, groups))
         if _both_classes(y, folds):
             return folds, n
+    folds = _two_folds_by_search(y, groups)
+    if folds is not None:
+        return folds, 2
     counts = ", ".join(f"{_class_label(c)}: {n}" for c, n in sorted(per_class.items()))
     raise UserError(
         f"holding out whole groups cannot give every fold both classes ({len(np.unique(groups))} groups; groups "
