@@ -10,6 +10,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import hashlib
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -128,3 +129,27 @@ def store_copy(small_store, tmp_path):
         shutil.copytree(small_store, dst)
         return dst
     return make
+
+
+def slow_env(tmp_path, hold_after=None, seconds=0):
+    """The environment of a real extraction with the slow-hvg test plugin (tests/plugins)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests" / "plugins"), env.get("PYTHONPATH", "")])
+    env["SCDRUGMAP_PLUGINS"] = "slow_backbone"
+    env["SLOW_HVG_SECONDS"] = str(seconds)
+    env["SLOW_HVG_LOG"] = str(tmp_path / "chunks.log")
+    if hold_after is not None:
+        env["SLOW_HVG_HOLD_AFTER"] = str(hold_after)
+        env["SLOW_HVG_GATE"] = str(tmp_path)
+    return env
+
+
+def wait_for(condition, proc=None, what="the event", limit=600):
+    """Wait until ``condition()`` holds (an event of the process under test, not a clock: ``limit``
+    only stops a hung test), failing early if ``proc`` exits first."""
+    deadline = time.monotonic() + limit
+    while not condition():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the process ended before {what}: {proc.communicate()}")
+        assert time.monotonic() < deadline, f"{what} did not happen"
+        time.sleep(0.01)

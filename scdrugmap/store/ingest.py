@@ -22,7 +22,7 @@ from ..errors import UserError
 from . import source as src
 from .schema import CELL_CORE_COLUMNS, COHORT_VIEW, DATASET_CONTEXT_COLUMNS
 from .common import INDEX, DiskError, disk_errno, is_url, local_path, now
-from .locks import work_dir
+from .locks import remove_stale_work_dirs, work_dir
 from .store import Store
 
 DATASET_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -210,6 +210,7 @@ def ingest(store_path, req: IngestRequest, show_progress: bool = False) -> Inges
             return _report(req, dataset_row, False, warnings)
     store = Store.open(store_path)            # existed, or another ingest created it meanwhile
     store.require_writable("ingest")
+    remove_stale_work_dirs(store_path.parent, store_path.name, "creating")      # of a killed first ingest
     present, stale_arrays = _register(store, dataset_row, cells, replace=req.replace)
     for rel in stale_arrays:
         shutil.rmtree(store.embeddings_path / rel, ignore_errors=True)

@@ -192,7 +192,8 @@ def stale_work_dirs(parent: Path, name: str, kinds=("creating", "packing", "unpa
     return sorted(found)
 
 
-def _remove_stale(parent: Path, name: str, kind: str) -> None:
+def remove_stale_work_dirs(parent: Path, name: str, kind: str) -> None:
+    """Remove the work folders of ``kind`` for ``parent/name`` whose process died."""
     for stale in stale_work_dirs(parent, name, (kind,)):
         lock = LockFile(stale.with_name(stale.name + ".lock"))
         if lock.acquire():                  # no one else is cleaning it up at this moment
@@ -212,7 +213,7 @@ def work_dir(final: Path, kind: str):
     was moved. Stale folders of the same kind for ``final`` are removed first."""
     final = Path(final)
     parent = final.parent
-    _remove_stale(parent, final.name, kind)
+    remove_stale_work_dirs(parent, final.name, kind)
     while True:
         path = parent / f".{final.name}.{kind}-{uuid.uuid4().hex[:8]}"
         lock = LockFile(path.with_name(path.name + ".lock"))

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import ROOT, snapshot
+from conftest import snapshot, slow_env, wait_for
 from scdrugmap.errors import UserError
 from scdrugmap.store import arrays
 from scdrugmap.store.store import Store
@@ -124,36 +124,21 @@ def test_read_rows_touches_only_needed_chunks(tmp_path):
     np.testing.assert_array_equal(out, data[[10, 500]])
 
 
-def _slow_env(tmp_path, seconds):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests" / "plugins"), env.get("PYTHONPATH", "")])
-    env["SCDRUGMAP_PLUGINS"] = "slow_backbone"
-    env["SLOW_HVG_SECONDS"] = str(seconds)
-    env["SLOW_HVG_LOG"] = str(tmp_path / "chunks.log")
-    return env
-
-
 def test_killed_extraction_is_invisible_and_resumes(store, tmp_path):
-    """SIGKILL a real `scdrugmap extract` mid-run; readers see nothing; a rerun resumes."""
+    """SIGKILL a real `scdrugmap extract` after exactly 3 chunks; readers see nothing; a rerun resumes."""
     import shutil
 
     st = tmp_path / "st"
     shutil.copytree(store, st)
     cmd = [sys.executable, "-m", "scdrugmap.cli", "extract", "--store", str(st), "--backbone", "slow-hvg",
            "--dataset", "gbm", "--chunk-rows", "500", "--quiet"]
-    proc = subprocess.Popen(cmd, env=_slow_env(tmp_path, 0.4), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, env=slow_env(tmp_path, hold_after=3), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     staging = st / "embeddings.zarr" / arrays.STAGING
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        done = list(staging.glob("*/done/*"))
-        if len(done) >= 3:
-            break
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.05)
+    wait_for(lambda: (tmp_path / "holding").exists(), proc, "the 4th chunk")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     n_done = len(list(staging.glob("*/done/*")))
-    assert 3 <= n_done < 10, n_done
+    assert n_done == 3, n_done
 
     s = Store.open(st)
     assert "slow-hvg" not in s.extracted_backbones()
@@ -161,7 +146,7 @@ def test_killed_extraction_is_invisible_and_resumes(store, tmp_path):
         s.load("slow-hvg")
 
     (tmp_path / "chunks.log").unlink()
-    result = subprocess.run(cmd, env=_slow_env(tmp_path, 0), capture_output=True, text=True)
+    result = subprocess.run(cmd, env=slow_env(tmp_path), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert f"resumed after {n_done} chunks" in result.stdout
     computed = (tmp_path / "chunks.log").read_text().split()

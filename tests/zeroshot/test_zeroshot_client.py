@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
-import time
+import threading
 
 import pytest
 
@@ -33,10 +33,18 @@ def test_request_is_a_chat_completion_at_temperature_zero(fake_server):
 @pytest.mark.parametrize("failures", [[429, 429], [500, 503], [429, 502, 429]])
 def test_transient_errors_are_retried_with_backoff(fake_server, failures):
     fake_server.fail = list(failures)
-    start = time.monotonic()
-    assert client(fake_server, retries=3).complete(MESSAGES).startswith("{res:")
+    c = client(fake_server, retries=3)
+    waits = []
+
+    class Recorded(threading.Event):                        # the back-off's waits, recorded, not slept
+        def wait(self, timeout=None):
+            waits.append(timeout)
+            return False
+
+    c.stop = Recorded()
+    assert c.complete(MESSAGES).startswith("{res:")
     assert len(fake_server.requests) == len(failures) + 1
-    assert time.monotonic() - start < 2                     # back-off 0.01 s, 0.02 s, ...
+    assert waits == [0.01 * 2 ** i for i in range(len(failures))]      # 0.01 s, 0.02 s, 0.04 s
 
 
 def test_retries_run_out_with_one_line_error(fake_server):
