@@ -30,6 +30,7 @@ import zarr.storage
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 from ..errors import UserError
+from .common import disk_error_or
 from .constants import DEFAULT_CHUNK_ROWS, DTYPES  # noqa: F401  (re-exported: the store's constants)
 
 STAGING = "_staging"
@@ -126,9 +127,9 @@ class StagedArray:
             self.done_dir.mkdir(parents=True, exist_ok=True)
             self.array = create_array(self.array_dir, (n_rows, dim), (chunk_rows, dim), dtype)
             (self.dir / "job.json").write_text(json.dumps(job, sort_keys=True, default=str))
-        except BaseException:
+        except BaseException as e:
             self.discard()
-            raise
+            raise disk_error_or(e, self.root, f"creating the staging array of {backbone} x {dataset}")
 
     def _finished_before(self) -> str | None:
         marker = self.dir / FINAL
