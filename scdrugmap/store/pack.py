@@ -282,13 +282,19 @@ def _hash_file(path: Path, sink=None) -> tuple[str, int]:
 
 
 def _snapshot_index(store: Store, dest: Path, strip: bool) -> None:
-    """A consistent copy of the index: no writer can change it while it is copied."""
-    if store.index_path.with_name(INDEX + ".wal").exists():
-        with store.connect(read_only=False) as con:      # fold a leftover write-ahead log into the file
-            con.execute("CHECKPOINT")
+    """A consistent copy of the index, made without writing to the store: no writer can change
+    it while it is copied, and a write-ahead log left beside it (a writer whose final checkpoint
+    the disk refused) is copied too and folded into the copy, not into the store's file."""
     tmp = dest.with_name(dest.name + ".copy")
+    wal, tmp_wal = store.index_path.with_name(INDEX + ".wal"), tmp.with_name(tmp.name + ".wal")
     with store.connect(read_only=True):                  # holds the lock: writers wait for the copy
         shutil.copyfile(store.index_path, tmp)
+        if wal.exists():
+            shutil.copyfile(wal, tmp_wal)
+    if tmp_wal.exists():
+        with duckdb.connect(str(tmp)) as con:            # replays the log into the copy
+            con.execute("CHECKPOINT")
+        tmp_wal.unlink(missing_ok=True)
     if strip:
         strip_index_paths(tmp, dest)
         tmp.unlink()

@@ -53,10 +53,12 @@ def inside(spec: dict) -> dict:
         r = subprocess.run([sys.executable, "-m", "scdrugmap.cli", *args], capture_output=True, text=True,
                            cwd=spec["cwd"])
         others = sorted(p.name for p in mount.iterdir() if p.name not in ("st", "filler"))
+        after = _snapshot(st)
+        changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
         check = subprocess.run([sys.executable, "-m", "scdrugmap.cli", "store", "verify", str(st)],
                                capture_output=True, text=True, cwd=spec["cwd"])
         results.append({"command": command, "rc": r.returncode, "stderr": r.stderr, "stdout": r.stdout,
-                        "unchanged": _snapshot(st) == before, "other_files": others,
+                        "unchanged": not changed, "changed": changed, "other_files": others,
                         "verified": check.returncode == 0})
     return {"results": results}
 

@@ -250,3 +250,23 @@ def test_store_info_on_a_store_and_on_a_pack(cli, small_store, tmp_path):
     P.pack(small_store, tmp_path / "st.tar.zst")
     out = cli.ok("store", "info", tmp_path / "st.tar.zst").output
     assert "pack" in out and "tar.zst" in out and "800 cells" in out
+
+
+def test_pack_folds_a_leftover_write_ahead_log_into_the_pack_not_into_the_store(cli, store_copy, tmp_path):
+    """A writer whose final checkpoint never happened (a full disk, a kill) leaves index.duckdb.wal;
+    the pack holds its changes, and the store's own files stay byte for byte as they were."""
+    import subprocess
+    import sys
+
+    st = store_copy()
+    code = ("import duckdb, os, sys; con = duckdb.connect(sys.argv[1]); "
+            "con.execute(\"INSERT INTO meta VALUES ('wal_probe', 'kept')\"); os._exit(0)")
+    subprocess.run([sys.executable, "-c", code, str(st / "index.duckdb")], check=True)
+    assert (st / "index.duckdb.wal").exists()
+    before = snapshot(st)
+    cli.ok("store", "pack", st, tmp_path / "st.tar")
+    assert snapshot(st) == before
+    cli.ok("store", "unpack", tmp_path / "st.tar", tmp_path / "got")
+    assert not (tmp_path / "got" / "index.duckdb.wal").exists()
+    meta = Store.open(tmp_path / "got").sql("SELECT value FROM meta WHERE key = 'wal_probe'")
+    assert meta["value"].tolist() == ["kept"]
