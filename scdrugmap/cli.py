@@ -218,21 +218,24 @@ def probe(store_path, backbones, heads, protocols, group_by, where, seed, positi
       scdrugmap probe --store st --backbone hvg --protocol cross --where "therapy = 'Targeted therapy'"
       scdrugmap probe --store st --backbone pca --group-by none   # the paper's cell-level split
     """
+    import time
+
     import pandas as pd
 
-    from .probe.run import run_probe
+    from .probe.run import run_grid
 
     store = open_store(store_path)
-    summaries = []
-    for backbone in backbones:
-        for head in heads:
-            for protocol in protocols:
-                run = run_probe(store, backbone=backbone, head=head, protocol=protocol, group_by=group_by,
-                                where=where, seed=seed, positive=positive, n_jobs=jobs, show_progress=not quiet)
-                for note in run.notes:
-                    click.echo(f"note: {note}", err=True)
-                summaries.append(run.summary_row())
-    print_table(pd.DataFrame(summaries), title="Probe results (mean ± std over splits)")
+    start = time.perf_counter()
+    runs = run_grid(store, backbones, heads, protocols, group_by=group_by, where=where, seed=seed, positive=positive,
+                    n_jobs=jobs, show_progress=not quiet)
+    wall = time.perf_counter() - start
+    for note in dict.fromkeys(note for run in runs for note in run.notes):
+        click.echo(f"note: {note}", err=True)
+    print_table(pd.DataFrame([run.summary_row() for run in runs]), title="Probe results (mean ± std over splits)")
+    loads = ", ".join(f"{run.backbone} {run.load_seconds:.1f} s" for run in {r.backbone: r for r in runs}.values())
+    fits = sum(len(run.results) for run in runs)
+    click.echo(f"{len(runs)} run(s), {fits} fits in {wall:.1f} s (--jobs {jobs}); embeddings loaded: {loads}; "
+               "seconds = each run's fitting time summed over its splits", err=True)
 
 
 @main.command()

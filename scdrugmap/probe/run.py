@@ -6,9 +6,14 @@ received a colleague's store can re-run and extend the evaluation.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
+import tempfile
+import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -20,7 +25,7 @@ from ..store.schema import METRIC_COLUMNS
 from ..store.common import now
 from ..store.sql import check_condition, embed
 from ..store.store import Store
-from .evaluate import evaluate
+from .evaluate import evaluate_heads
 from .heads import make_head
 from .splits import cohort_splits
 
@@ -43,6 +48,8 @@ class ProbeRun:
     method: str = "frozen"
     params: dict = field(default_factory=dict)     # stored as probe_runs.params (JSON)
     stored: bool = True                            # False on a read-only (URL) store: printed only
+    seconds: float = 0.0                           # its heads' work over all splits (summed over processes)
+    load_seconds: float = 0.0                      # loading its backbone's embeddings (shared by a grid's runs)
 
     def summary_row(self) -> dict:
         ok = self.results[self.results["status"] != "one-class-train"]
@@ -52,6 +59,7 @@ class ProbeRun:
             values = ok[metric].dropna()
             row[metric] = (f"{values.mean():.3f} ± {values.std(ddof=1) if len(values) > 1 else 0:.3f}"
                            if len(values) else "n/a")
+        row["seconds"] = round(self.seconds, 1)
         row["run_id"] = self.run_id
         return row
 
@@ -61,27 +69,95 @@ def run_probe(store: Store, backbone: str, head: str = "lr", protocol: str = "po
               head_params: dict | None = None, n_jobs: int = 1, show_progress: bool = True) -> ProbeRun:
     """Evaluate ``head`` on ``backbone``'s embeddings of the cells selected by ``where``; stored
     (unless the store is a read-only URL store: then ``run.stored`` is False)."""
-    if protocol not in PROTOCOLS:
-        raise UserError(f"unknown protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}")
+    return run_grid(store, [backbone], [head], [protocol], group_by=group_by, where=where, seed=seed,
+                    positive=positive, n_splits=n_splits, head_params={head: head_params or {}}, n_jobs=n_jobs,
+                    show_progress=show_progress)[0]
+
+
+def run_grid(store: Store, backbones, heads=("lr",), protocols=("pooled",), group_by: str = "auto",
+             where: str | None = None, seed: int = 0, positive: str = "resistant", n_splits: int = 5,
+             head_params: dict | None = None, n_jobs: int = 1, show_progress: bool = True,
+             on_run=None) -> list[ProbeRun]:
+    """Every ``backbone x head x protocol`` run on the cells selected by ``where``, in that order.
+
+    What the runs share is done once: the cohort and its splits (once for all backbones), each
+    backbone's embeddings (loaded once), each split's standardised rows and the cohort's
+    LightGBM bins (once for all heads, :mod:`.shared`). ``head_params`` maps a head to its
+    parameters. Each backbone's runs are stored as soon as they are done (``on_run(run)`` is
+    called for each), so an interrupted grid keeps what it finished. Every run's results equal
+    those of the same run made alone, with or without ``n_jobs``.
+    """
+    backbones, heads, protocols = list(dict.fromkeys(backbones)), list(dict.fromkeys(heads)), \
+        list(dict.fromkeys(protocols))
+    for protocol in protocols:
+        if protocol not in PROTOCOLS:
+            raise UserError(f"unknown protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}")
     check_seed(seed)
-    estimator = make_head(head, seed=seed, **(head_params or {}))   # unknown head / params fail here
-    resolved = _resolved_params(estimator)
-    X, cells = store.load(backbone, where=where, dtype=np.float32)
-    cohort = cohort_splits(cells, protocol, group_by, seed, positive, n_splits)   # shared with finetune
-    y, splits, group_label, datasets, notes = cohort.y, cohort.splits, cohort.group_by, cohort.datasets, cohort.notes
-    with progress_bar(f"{backbone} · {head} · {protocol}", total=len(splits), enabled=show_progress) as advance:
-        records = evaluate(X, y, splits, head, seed=seed, head_params=head_params, n_jobs=n_jobs,
-                           progress=lambda record: advance(1))
-    run = ProbeRun(uuid.uuid4().hex[:12], backbone, head, protocol, group_label, len(cells), datasets,
-                   _results_frame(records), notes, params={"head": resolved, "n_splits": n_splits})
-    if store.read_only:
-        # a URL store is read-only: the run is returned (and printed by the CLI), not stored
-        run.stored = False
-        run.notes.append(f"{store.location} is read-only ({store.read_only_reason}): results are shown, not stored "
-                         "(unpack or copy the store to keep runs in it)")
-    else:
-        _save(store, run, where, seed, positive)
-    return run
+    params = {head: dict((head_params or {}).get(head) or {}) for head in heads}
+    resolved = {head: _resolved_params(make_head(head, seed=seed, **params[head])) for head in heads}
+    cells = store.cells(where)
+    for backbone in backbones:                                   # a missing backbone fails before any work
+        store._embedding_rows(backbone, cells)
+    cohorts = {protocol: cohort_splits(cells, protocol, group_by, seed, positive, n_splits) for protocol in protocols}
+    splits = [split for protocol in protocols for split in cohorts[protocol].splits]
+    owner = [protocol for protocol in protocols for _ in cohorts[protocol].splits]
+    y = cohorts[protocols[0]].y
+    runs = []
+    total = len(backbones) * len(heads) * len(splits)
+    with progress_bar("probe", total=total, enabled=show_progress) as advance:
+        for backbone in backbones:
+            advance.describe(f"{backbone} · loading")
+            t0 = time.perf_counter()
+            X, loaded = store.load(backbone, where=where, dtype=np.float32)
+            if not (loaded["dataset"].equals(cells["dataset"]) and loaded["row"].equals(cells["row"])):
+                raise UserError(f"the store changed while {backbone!r} was loaded: run the probe again")
+            load_seconds = time.perf_counter() - t0
+            advance.describe(f"{backbone} · {', '.join(heads)} · {' + '.join(protocols)}")
+            with _shared_matrix(X, n_jobs) as shared:
+                del X
+                records = evaluate_heads(shared, y, splits, heads, seed=seed, head_params=params, n_jobs=n_jobs,
+                                         progress=lambda *_: advance(1))
+            for head in heads:
+                for protocol in protocols:
+                    mine = [r for r, p in zip(records[head], owner) if p == protocol]
+                    cohort = cohorts[protocol]
+                    run = ProbeRun(uuid.uuid4().hex[:12], backbone, head, protocol, cohort.group_by, len(cells),
+                                   cohort.datasets, _results_frame(mine), list(cohort.notes),
+                                   params={"head": resolved[head], "n_splits": n_splits},
+                                   seconds=sum(r["seconds"] for r in mine), load_seconds=load_seconds)
+                    if store.read_only:
+                        # a URL store is read-only: the run is returned (and printed by the CLI), not stored
+                        run.stored = False
+                        run.notes.append(f"{store.location} is read-only ({store.read_only_reason}): results are "
+                                         "shown, not stored (unpack or copy the store to keep runs in it)")
+                    else:
+                        _save(store, run, where, seed, positive)
+                    runs.append(run)
+                    if on_run is not None:
+                        on_run(run)
+    return runs
+
+
+@contextlib.contextmanager
+def _shared_matrix(X: np.ndarray, n_jobs: int):
+    """``X`` itself for one process; for worker processes a read-only memory map of a copy in a
+    temporary file (in /dev/shm where it fits), which every worker maps instead of receiving a
+    copy per split. Removed afterwards."""
+    if n_jobs == 1:
+        yield X
+        return
+    shm = Path("/dev/shm")
+    where = shm if shm.is_dir() and shutil.disk_usage(shm).free > 2 * X.nbytes else None
+    folder = Path(tempfile.mkdtemp(prefix="scdrugmap-probe-", dir=where))
+    try:
+        path = folder / "X.npy"
+        out = np.lib.format.open_memmap(path, mode="w+", dtype=X.dtype, shape=X.shape)
+        out[:] = X
+        out.flush()
+        del out
+        yield np.load(path, mmap_mode="r")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def check_seed(seed) -> None:

@@ -23,6 +23,15 @@ COHORTS = (("both", None, "cross", "auto"), ("both", None, "pooled", "auto"),
 
 
 def build_store(root: Path, pc9: Path, gbm: Path) -> Path:
+    """The store of both datasets, its PCA fitted on one thread: the fit's last bits depend on
+    the BLAS thread count, and LightGBM's thresholds can turn on them."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1):
+        return _build_store(root, pc9, gbm)
+
+
+def _build_store(root: Path, pc9: Path, gbm: Path) -> Path:
     from scdrugmap.extract.runner import extract
     from scdrugmap.store.ingest import IngestRequest, ingest
     from scdrugmap.store.store import Store
@@ -38,7 +47,7 @@ def build_store(root: Path, pc9: Path, gbm: Path) -> Path:
     return root
 
 
-def test_cells_digest(cells, idx) -> str:
+def cells_digest(cells, idx) -> str:
     keys = (cells["dataset"].to_numpy()[idx].astype(str).astype(object) + "/"
             + cells["row"].to_numpy()[idx].astype(str).astype(object))
     return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
@@ -56,7 +65,7 @@ def compute(store_dir: Path, run) -> dict:
                 results, splits, cells = run(store, backbone, head, protocol, group_by, where)
                 key = f"{backbone}/{name}/{protocol}/{head}"
                 out[key] = [{"split": r["split"], "status": r["status"],
-                             "test_cells": test_cells_digest(cells, s.test_idx),
+                             "test_cells": cells_digest(cells, s.test_idx),
                              **{m: (None if r[m] != r[m] else round(float(r[m]), 6)) for m in ("f1", "auroc")}}
                             for (_, r), s in zip(results.iterrows(), splits)]
     return out
