@@ -30,6 +30,7 @@ from .heads import make_head
 from .splits import cohort_splits
 
 PROTOCOLS = ("pooled", "cross")
+COHORT_COLUMNS = ("label", "sample", "patient")      # all that splits need (besides dataset, row)
 # protocols a stored run may have: the probe protocols plus ``scdrugmap zero-shot``'s
 LEADERBOARD_PROTOCOLS = (*PROTOCOLS, "zero-shot")
 
@@ -95,7 +96,7 @@ def run_grid(store: Store, backbones, heads=("lr",), protocols=("pooled",), grou
     check_seed(seed)
     params = {head: dict((head_params or {}).get(head) or {}) for head in heads}
     resolved = {head: _resolved_params(make_head(head, seed=seed, **params[head])) for head in heads}
-    cells = store.cells(where)
+    cells = store.cells(where, columns=COHORT_COLUMNS)
     for backbone in backbones:                                   # a missing backbone fails before any work
         store._embedding_rows(backbone, cells)
     cohorts = {protocol: cohort_splits(cells, protocol, group_by, seed, positive, n_splits) for protocol in protocols}
@@ -108,7 +109,7 @@ def run_grid(store: Store, backbones, heads=("lr",), protocols=("pooled",), grou
         for backbone in backbones:
             advance.describe(f"{backbone} · loading")
             t0 = time.perf_counter()
-            X, loaded = store.load(backbone, where=where, dtype=np.float32)
+            X, loaded = store.load(backbone, where=where, dtype=np.float32, columns=COHORT_COLUMNS)
             if not (loaded["dataset"].equals(cells["dataset"]) and loaded["row"].equals(cells["row"])):
                 raise UserError(f"the store changed while {backbone!r} was loaded: run the probe again")
             load_seconds = time.perf_counter() - t0

@@ -330,9 +330,13 @@ class Store:
                             f"this store has {', '.join(known) or 'none'}")
         return list(names)
 
-    def cells(self, where: str | None = None, datasets=None) -> pd.DataFrame:
-        """Cells of the ``cohort`` view matching ``where`` (SQL), in store order (dataset, row)."""
-        query = "SELECT * FROM cohort"
+    def cells(self, where: str | None = None, datasets=None, columns=None) -> pd.DataFrame:
+        """Cells of the ``cohort`` view matching ``where`` (SQL), in store order (dataset, row).
+
+        ``columns`` (names of the cohort view) keeps only those, plus ``dataset`` and ``row``:
+        text columns cost most of the query (all 14 columns of 163,794 cells: 0.31 s; dataset
+        and row alone: 0.04 s)."""
+        query = f"SELECT {self._columns(columns)} FROM cohort"
         clauses, params = [], []
         if where:
             clauses.append(embed(check_condition(where, "cohort")))
@@ -376,15 +380,27 @@ class Store:
             raise UserError(f"embedding array {rel} is damaged (its zarr.json cannot be read: {first_line(e)}): "
                             "re-extract it (--force), or restore the store from its pack") from None
 
+    def _columns(self, columns) -> str:
+        if columns is None:
+            return "*"
+        with self.connect() as con:
+            known = [r[0] for r in con.execute("SELECT * FROM cohort LIMIT 0").description]
+        wanted = list(dict.fromkeys(["dataset", "row", *columns]))
+        unknown = [c for c in wanted if c not in known]
+        if unknown:
+            raise UserError(f"unknown cohort column(s) {', '.join(map(repr, unknown))}: choose from {', '.join(known)}")
+        return ", ".join('"' + c.replace('"', '""') + '"' for c in wanted)
+
     def load(self, backbone: str, where: str | None = None, datasets=None,
-             dtype=None) -> tuple[np.ndarray, pd.DataFrame]:
-        """Embeddings of the selected cells, row-aligned with the returned cells frame.
+             dtype=None, columns=None) -> tuple[np.ndarray, pd.DataFrame]:
+        """Embeddings of the selected cells, row-aligned with the returned cells frame (all the
+        cohort view's columns, or ``columns`` plus ``dataset`` and ``row``).
 
         Only the chunks holding selected rows are read, and checked (checksums). An array
         replaced by a concurrent ``extract --force`` while it was read is read again from its
         successor; a damaged or missing chunk is a one-line error naming it.
         """
-        cells = self.cells(where, datasets)
+        cells = self.cells(where, datasets, columns)
         for attempt in range(3):
             prov = self._embedding_rows(backbone, cells)
             try:
@@ -444,9 +460,13 @@ class Store:
                                 f"{row['dtype']}: the store is damaged; re-extract it (--force)")
             arrays.read_rows(arr, rows[lo:hi], out=X[lo:hi], rel=rel)
 
-        # datasets are read concurrently (decoding releases the GIL); each fills its own rows
-        with ThreadPoolExecutor(max_workers=4) as pool:
-            list(pool.map(read, bounds))
+        # datasets are read concurrently (decoding releases the GIL); each fills its own rows.
+        # One dataset alone is read here, so that its chunks are decoded concurrently instead.
+        if len(bounds) == 1:
+            read(next(iter(bounds)))
+        else:
+            with ThreadPoolExecutor(max_workers=4) as pool:
+                list(pool.map(read, bounds))
         return X
 
     def to_anndata(self, backbone: str, where: str | None = None, datasets=None):

@@ -124,6 +124,51 @@ def test_read_rows_touches_only_needed_chunks(tmp_path):
     np.testing.assert_array_equal(out, data[[10, 500]])
 
 
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_the_direct_local_reader_equals_zarr(tmp_path, monkeypatch, dtype):
+    """Arrays of the store's layout on a local disk are read without zarr; every selection gives
+    zarr's values, into any output dtype, and its chunk reads are counted."""
+    rng = np.random.default_rng(0)
+    data = rng.normal(size=(1030, 7)).astype(dtype)
+    arr = arrays.create_array(tmp_path / "a", shape=data.shape, chunks=(100, 7), dtype=dtype)
+    arr[:] = data
+    stats = arrays.IOStats()
+    from zarr.storage import LocalStore
+
+    counted = arrays.open_counted(LocalStore(str(tmp_path)), stats, "a")
+    assert arrays._local_layout(counted) is not None
+    selections = [np.arange(1030), np.array([0]), np.array([1029]), np.arange(100, 200), np.arange(95, 305),
+                  np.sort(rng.choice(1030, 400, replace=False)), np.array([5, 99, 100, 1000, 1029])]
+    direct = [arrays.read_rows(counted, rows) for rows in selections]
+    as_float32 = [arrays.read_rows(counted, rows, out=np.empty((len(rows), 7), np.float32)) for rows in selections]
+    assert stats.chunk_bytes > 0
+    monkeypatch.setattr(arrays, "_local_layout", lambda array: None)
+    for rows, got, got32 in zip(selections, direct, as_float32):
+        np.testing.assert_array_equal(got, data[rows])
+        np.testing.assert_array_equal(got, arrays.read_rows(counted, rows))
+        np.testing.assert_array_equal(got32, data[rows].astype(np.float32))
+
+
+def test_arrays_of_another_layout_are_read_through_zarr(tmp_path):
+    import zarr
+
+    arr = zarr.create_array(store=str(tmp_path / "a"), shape=(300, 3), chunks=(100, 3), dtype="float32")
+    assert arrays._local_layout(arr) is None                 # no checksums: zarr reads it
+    arr[:] = np.ones((300, 3), np.float32)
+    np.testing.assert_array_equal(arrays.read_rows(arr, np.array([1, 299])), np.ones((2, 3), np.float32))
+
+
+def test_load_of_some_columns(store):
+    s = Store.open(store)
+    X, cells = s.load("pca", where="label = 'resistant'", columns=["label"])
+    assert list(cells.columns) == ["dataset", "row", "label"]
+    X_all, cells_all = s.load("pca", where="label = 'resistant'")
+    np.testing.assert_array_equal(X, X_all)
+    assert cells[["dataset", "row"]].equals(cells_all[["dataset", "row"]])
+    with pytest.raises(UserError, match="unknown cohort column"):
+        s.load("pca", columns=["nope"])
+
+
 def test_killed_extraction_is_invisible_and_resumes(store, tmp_path):
     """SIGKILL a real `scdrugmap extract` after exactly 3 chunks; readers see nothing; a rerun resumes."""
     import shutil
