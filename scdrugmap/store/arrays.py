@@ -251,26 +251,41 @@ def _read(array, lo: int, hi: int, rel: str | None):
 def read_rows(array, rows: np.ndarray, out: np.ndarray | None = None, rel: str | None = None) -> np.ndarray:
     """Rows ``rows`` (sorted, unique) of a row-chunked array, reading only the chunks they touch.
 
-    Arrays of the store's own layout on a local disk are read by :func:`_read_rows_local`
-    (chunk files checked and decoded straight into reused buffers, whole chunks copied into
-    place); any other array (a remote store, an older layout) through zarr: contiguous runs
-    of needed chunks are read as one slice (zarr decodes their chunks concurrently), then the
-    wanted rows are picked out. The result goes straight into ``out`` when given (any float
-    dtype; saves a copy when the caller assembles several arrays). With ``rel`` (the array's
-    path in the store), a damaged or missing chunk is a :class:`ChunkError` naming it.
+    Arrays of the store's own layout on a local disk are read directly (chunk files checked
+    and decoded into reused buffers, whole chunks copied into place; see below); any other
+    array (a remote store, an older layout) through zarr: contiguous runs of needed chunks are
+    read as one slice (zarr decodes their chunks concurrently), then the wanted rows are picked
+    out. The result goes straight into ``out`` when given (any float dtype; saves a copy when
+    the caller assembles several arrays). With ``rel`` (the array's path in the store), a
+    damaged or missing chunk is a :class:`ChunkError` naming it.
     """
     rows = np.asarray(rows, dtype=np.int64)
     if out is None:
         out = np.empty((len(rows), array.shape[1]), dtype=array.dtype)
-    if len(rows) == 0:
-        return out
-    local = _local_layout(array)
-    if local is not None:
-        _read_rows_local(array, local, rows, out, rel or str(array.store_path.path))
-        return out
+    read_rows_many([(array, rows, out, rel)])
+    return out
+
+
+def read_rows_many(jobs) -> None:
+    """``read_rows`` for several ``(array, rows, out, rel)`` at once: every chunk of every array
+    is one task of a shared pool of reader threads (decoding releases the GIL)."""
+    tasks = []
+    for array, rows, out, rel in jobs:
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) == 0:
+            continue
+        local = _local_layout(array)
+        if local is None:
+            tasks.append(lambda array=array, rows=rows, out=out, rel=rel: _read_rows_zarr(array, rows, out, rel))
+        else:
+            tasks.extend(_local_tasks(array, local, rows, out, rel or str(array.store_path.path)))
+    _run(tasks)
+
+
+def _read_rows_zarr(array, rows: np.ndarray, out: np.ndarray, rel: str | None) -> None:
     if len(rows) == array.shape[0]:
         out[:] = _read(array, 0, array.shape[0], rel)
-        return out
+        return
     chunk = array.chunks[0]
     needed = np.unique(rows // chunk)
     # split the needed chunks into runs of consecutive chunk indices; rows are sorted, so
@@ -284,7 +299,6 @@ def read_rows(array, rows: np.ndarray, out: np.ndarray | None = None, rel: str |
             np.take(block, rows[a:b] - lo, axis=0, out=out[a:b])
         else:                                   # e.g. float16 stored, float32 asked for
             out[a:b] = np.take(block, rows[a:b] - lo, axis=0)
-    return out
 
 
 # ---- the direct local reader ----------------------------------------------------------------
@@ -348,14 +362,13 @@ def _chunk_bytes(array, folder: Path, stats, c: int, rel: str) -> memoryview:
     return buf[:size].view(array.dtype).reshape(chunk, array.shape[1])
 
 
-def _read_rows_local(array, layout, rows: np.ndarray, out: np.ndarray, rel: str) -> None:
+def _local_tasks(array, layout, rows: np.ndarray, out: np.ndarray, rel: str) -> list:
     folder, stats = layout
     chunk = array.chunks[0]
     needed = np.unique(rows // chunk)
     bounds = np.searchsorted(rows, np.stack([needed * chunk, np.minimum((needed + 1) * chunk, array.shape[0])]))
 
-    def one(k: int) -> None:
-        c, a, b = int(needed[k]), int(bounds[0, k]), int(bounds[1, k])
+    def one(c: int, a: int, b: int) -> None:
         block = _chunk_bytes(array, folder, stats, c, rel)
         lo = c * chunk
         if b - a == min(chunk, array.shape[0] - lo):           # every row of the chunk: one copy
@@ -365,12 +378,39 @@ def _read_rows_local(array, layout, rows: np.ndarray, out: np.ndarray, rel: str)
         else:
             out[a:b] = block[rows[a:b] - lo]
 
-    if len(needed) > 1 and threading.current_thread() is threading.main_thread():
-        with ThreadPoolExecutor(max_workers=min(_READ_THREADS, len(needed))) as pool:
-            list(pool.map(one, range(len(needed))))
-    else:
-        for k in range(len(needed)):
-            one(k)
+    return [lambda c=int(c), a=int(a), b=int(b): one(c, a, b) for c, a, b in zip(needed, bounds[0], bounds[1])]
+
+
+# One pool of reader threads for the process, so that each thread's decoding buffer is made
+# once (fresh memory is what made reads slow; a pool per call would make new threads, and new
+# buffers, every time). A forked child starts without it.
+_POOL: ThreadPoolExecutor | None = None
+_POOL_NAME = "scdrugmap-read"
+
+
+def _forget_pool() -> None:
+    global _POOL
+    _POOL = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
+def _run(tasks: list) -> None:
+    """Run ``tasks`` (callables) on the reader pool; the first failure is raised after all end."""
+    global _POOL
+    if len(tasks) <= 1 or _READ_THREADS == 1 or threading.current_thread().name.startswith(_POOL_NAME):
+        for task in tasks:              # nothing to share out, or already on a reader thread
+            task()
+        return
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=_READ_THREADS, thread_name_prefix=_POOL_NAME)
+    futures = [_POOL.submit(task) for task in tasks]
+    errors = [f.exception() for f in futures]
+    for error in errors:
+        if error is not None:
+            raise error
 
 
 def check_array(array, rel: str) -> list[str]:

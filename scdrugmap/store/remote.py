@@ -186,9 +186,9 @@ class RemoteStore(Store):
             raise UserError(f"embedding array {rel} is missing at {self.embeddings_url}: the remote store is "
                             "incomplete (was it uploaded whole?)") from None
 
-    def load(self, backbone: str, where: str | None = None, datasets=None, dtype=None):
+    def load(self, backbone: str, where: str | None = None, datasets=None, dtype=None, columns=None):
         try:
-            return super().load(backbone, where=where, datasets=datasets, dtype=dtype)
+            return super().load(backbone, where=where, datasets=datasets, dtype=dtype, columns=columns)
         except UserError:
             raise
         except Exception as e:

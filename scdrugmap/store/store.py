@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 from importlib import import_module
 from pathlib import Path
 
@@ -449,8 +448,8 @@ class Store:
         bounds = {names[lo]: (lo, hi) for lo, hi in zip(starts, np.r_[starts[1:], len(names)])}
         rows = cells["row"].to_numpy()
 
-        def read(dataset):
-            lo, hi = bounds[dataset]
+        jobs = []
+        for dataset, (lo, hi) in bounds.items():
             row = prov.loc[dataset]
             rel = row["array_path"]
             arr = self.open_array(rel)
@@ -458,15 +457,9 @@ class Store:
             if tuple(arr.shape) != expected or str(arr.dtype) != row["dtype"]:
                 raise UserError(f"embedding array {rel} is {arr.shape} {arr.dtype} where the index says {expected} "
                                 f"{row['dtype']}: the store is damaged; re-extract it (--force)")
-            arrays.read_rows(arr, rows[lo:hi], out=X[lo:hi], rel=rel)
-
-        # datasets are read concurrently (decoding releases the GIL); each fills its own rows.
-        # One dataset alone is read here, so that its chunks are decoded concurrently instead.
-        if len(bounds) == 1:
-            read(next(iter(bounds)))
-        else:
-            with ThreadPoolExecutor(max_workers=4) as pool:
-                list(pool.map(read, bounds))
+            jobs.append((arr, rows[lo:hi], X[lo:hi], rel))
+        # every chunk of every dataset is one task of the reader threads; each fills its own rows
+        arrays.read_rows_many(jobs)
         return X
 
     def to_anndata(self, backbone: str, where: str | None = None, datasets=None):
