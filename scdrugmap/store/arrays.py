@@ -336,8 +336,9 @@ def _local_layout(array):
         return None
 
 
-def _chunk_bytes(array, folder: Path, stats, c: int, rel: str) -> memoryview:
-    """Chunk ``c`` decoded (a view of this thread's reused buffer), its checksum verified."""
+def _chunk_bytes(array, folder: Path, stats, c: int, rel: str, into: np.ndarray | None = None) -> np.ndarray:
+    """Chunk ``c`` decoded, its checksum verified: into ``into`` (a C-contiguous block of exactly
+    one chunk's rows and dtype), else into this thread's reused buffer (a view of it)."""
     import google_crc32c
     from numcodecs import blosc
 
@@ -352,9 +353,12 @@ def _chunk_bytes(array, folder: Path, stats, c: int, rel: str) -> memoryview:
     if len(raw) < 4 or google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
         raise ChunkError(rel, c, rows, "damaged (its CRC-32C checksum does not match)")
     size = chunk * array.shape[1] * array.dtype.itemsize
-    buf = getattr(_THREAD, "buf", None)
-    if buf is None or len(buf) < size:
-        buf = _THREAD.buf = np.empty(size, dtype=np.uint8)
+    if into is not None:
+        buf = into.reshape(-1).view(np.uint8)
+    else:
+        buf = getattr(_THREAD, "buf", None)
+        if buf is None or len(buf) < size:
+            buf = _THREAD.buf = np.empty(size, dtype=np.uint8)
     try:
         blosc.decompress(memoryview(raw)[:-4], buf[:size])
     except Exception as e:
@@ -369,8 +373,11 @@ def _local_tasks(array, layout, rows: np.ndarray, out: np.ndarray, rel: str) -> 
     bounds = np.searchsorted(rows, np.stack([needed * chunk, np.minimum((needed + 1) * chunk, array.shape[0])]))
 
     def one(c: int, a: int, b: int) -> None:
-        block = _chunk_bytes(array, folder, stats, c, rel)
         lo = c * chunk
+        if b - a == chunk and out.dtype == array.dtype and out[a:b].flags.c_contiguous:
+            _chunk_bytes(array, folder, stats, c, rel, into=out[a:b])     # a whole chunk: decoded in place
+            return
+        block = _chunk_bytes(array, folder, stats, c, rel)
         if b - a == min(chunk, array.shape[0] - lo):           # every row of the chunk: one copy
             out[a:b] = block[: b - a]
         elif block.dtype == out.dtype:
