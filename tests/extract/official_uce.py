@@ -9,7 +9,8 @@ module, so a wrong name or shape there fails the strict load:
   (``nn.TransformerEncoderLayer``: fused ``self_attn.in_proj_*``, ``out_proj``, ``linear1``,
   ``linear2``, ``norm1``, ``norm2``), ``decoder`` (three ``full_block`` = Linear, LayerNorm, GELU,
   Dropout, then a Linear), ``binary_decoder`` (``full_block(output_dim + 1280, 2048)``, (2048, 512),
-  (512, 128), Linear(128, 1); 1280 there is d_model), ``gene_embedding_layer`` (Linear, GELU,
+  (512, 128), Linear(128, 1); the 1280 is a literal in ``model.py``, not d_model, so the first
+  block takes output_dim + 1280 inputs at every width), ``gene_embedding_layer`` (Linear, GELU,
   LayerNorm) and ``pe_embedding.weight`` (145,469 rows: ``run_eval`` builds it before the load);
 * ``all_tokens.torch``: a bare (143,574 x token_dim) tensor: row 0 (pad) zeros, rows 1-3
   (chromosome left/right, CLS) normal, then every species' gene embeddings in sorted species
@@ -38,6 +39,7 @@ SMALL = {"token_dim": 16, "d_model": 80, "d_hid": 160, "output_dim": 48, "nlayer
 N_TOKENS = 143574            # rows of the released all_tokens.torch
 N_CHROM_TENSORS = 1895       # evaluate.get_ESM2_embeddings
 MAX_LEN = 1536               # model.py::PositionalEncoding
+BINARY_EXTRA = 1280          # model.py::TransformerModel: full_block(output_dim + 1280, 2048), a literal
 SPECIES = ("frog", "human", "macaca_fascicularis", "macaca_mulatta", "mouse", "mouse_lemur", "pig", "zebrafish")
 HUMAN_PE = "Homo_sapiens.GRCh38.gene_symbol_to_embedding_ESM2.pt"
 HUMAN_CHROMS = ("1", "2", "3", "10", "17", "X", "Y", "MT", "KI270728.1")
@@ -61,7 +63,7 @@ def official_keys(token_dim: int, d_model: int, d_hid: int, output_dim: int, nla
         keys[p + "norm1.weight"], keys[p + "norm1.bias"] = (d_model,), (d_model,)
         keys[p + "norm2.weight"], keys[p + "norm2.bias"] = (d_model,), (d_model,)
     blocks = {"decoder": [(d_model, 1024), (1024, output_dim), (output_dim, output_dim)],
-              "binary_decoder": [(output_dim + d_model, 2048), (2048, 512), (512, 128)]}
+              "binary_decoder": [(output_dim + BINARY_EXTRA, 2048), (2048, 512), (512, 128)]}
     for name, sizes in blocks.items():
         for j, (n_in, n_out) in enumerate(sizes):
             keys[f"{name}.{j}.0.weight"], keys[f"{name}.{j}.0.bias"] = (n_out, n_in), (n_out,)

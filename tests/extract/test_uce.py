@@ -176,6 +176,31 @@ def test_strict_load_of_the_official_key_layout(model_files):
         UCE(model_dir=model_files, options={"nlayers": "33"})
 
 
+def test_binary_decoder_width_is_output_dim_plus_1280(cli, model_files, pc9_small, tmp_path):
+    """model.py builds ``full_block(output_dim + 1280, 2048)``: a literal 1280, not d_model. A
+    checkpoint of the official class at another width (here d_model 80) loads and embeds; one whose
+    binary decoder takes output_dim + d_model (not what the official class builds) is refused."""
+    o, d = SMALL["output_dim"], SMALL["d_model"]
+    assert d != 1280
+    state = torch.load(model_files / CKPT, weights_only=True)
+    assert tuple(state["binary_decoder.0.0.weight"].shape) == (2048, o + 1280)
+    model = UCE(model_dir=model_files)
+    source = Source.read(pc9_small)
+    emb = model.embed_block(source.X[:3], model.cell_tokenizer(source))
+    assert emb.shape == (3, o) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+    st = tmp_path / "st"
+    cli.ok("ingest", pc9_small, "--store", st, "--dataset", "pc9", "--label-col", "response")
+    cli.ok("extract", "--store", st, "--backbone", "uce", "--model-dir", model_files, "--quiet")
+    assert Store.open(st).load("uce")[0].shape == (40, o)
+    before = snapshot(st)
+    folder = clone(model_files, tmp_path / "d_model_wide")
+    edit_state(folder, lambda s: s.update({"binary_decoder.0.0.weight": torch.zeros(2048, o + d)}))
+    err = cli.fails("extract", "--store", st, "--backbone", "uce", "--model-dir", folder, "--quiet", "--force",
+                    match=f"1 mis-sized (e.g. binary_decoder.0.0.weight (2048, {o + d}), expected (2048, {o + 1280}))")
+    assert "missing" not in err and "unexpected" not in err
+    assert snapshot(st) == before
+
+
 def test_species_genes_by_hand(tmp_path):
     vec = torch.zeros(4)
     torch.save({"EGFR": vec, "tp53": vec, "KRAS": vec, "Egfr": vec, "MYC": vec}, tmp_path / "h.pt")

@@ -29,7 +29,9 @@ The released files load unchanged, with their key names. Each choice and its off
   every key of the official model with its shape, nothing else. Sizes come from the shapes
   (``token_dim``, ``d_model``, ``d_hid``, ``output_dim``; the number of layers from the
   ``transformer_encoder.layers.{i}`` keys, or ``--option nlayers``, which must agree); 20 heads and
-  the decoder/binary-decoder widths (1,024; 2,048, 512, 128) are hard-coded there and here.
+  the decoder/binary-decoder widths (1,024; 2,048, 512, 128) are hard-coded there and here, and
+  so is the binary decoder's input width, output_dim + 1,280 (a literal 1,280 in ``model.py``,
+  not d_model: a checkpoint of the official class at another width has it too).
   ``binary_decoder.*`` and ``gene_embedding_layer.*`` (gene-expression prediction heads) are
   checked by name and shape, never allocated.
 * **genes** (``gene_embeddings.load_gene_embeddings_adata``, ``data_utils.adata_path_to_prot_chrom_starts``):
@@ -107,6 +109,8 @@ SAMPLE_SIZE = 1024
 N_HEADS = 20                                      # hard-coded in run_eval
 DECODER_HIDDEN = 1024                             # model.py: full_block(d_model, 1024)
 BINARY_HIDDEN = (2048, 512, 128)                  # model.py: binary_decoder
+BINARY_EXTRA = 1280     # model.py: full_block(output_dim + 1280, 2048): a literal, not d_model, so the
+                        # binary decoder takes output_dim + 1280 inputs whatever d_model is
 MIN_MATCHED = 0.05                                # refuse a dataset with fewer usable genes than this share
 TOKEN_FILE = "all_tokens.torch"
 CHROM_CSV = "species_chrom.csv"
@@ -236,8 +240,8 @@ def official_keys(dims: Dims) -> dict:
                      **linear(f"{p}.linear2", h, d), **norm(f"{p}.norm1", d), **norm(f"{p}.norm2", d)})
     keys.update({**full_block("decoder.0", d, DECODER_HIDDEN), **full_block("decoder.1", DECODER_HIDDEN, o),
                  **full_block("decoder.2", o, o), **linear("decoder.3", o, o)})
-    b1, b2, b3 = BINARY_HIDDEN                  # full_block(output_dim + 1280, 2048): 1280 = d_model there
-    keys.update({**full_block("binary_decoder.0", o + d, b1), **full_block("binary_decoder.1", b1, b2),
+    b1, b2, b3 = BINARY_HIDDEN
+    keys.update({**full_block("binary_decoder.0", o + BINARY_EXTRA, b1), **full_block("binary_decoder.1", b1, b2),
                  **full_block("binary_decoder.2", b2, b3), **linear("binary_decoder.3", b3, 1)})
     keys.update({**linear("gene_embedding_layer.0", t, d), **norm("gene_embedding_layer.2", d)})
     keys["pe_embedding.weight"] = (TABLE_ROWS, t)
