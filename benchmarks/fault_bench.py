@@ -537,3 +537,359 @@ def kind_flips(b: Bench, kind: Kind):
     for _ in range(1 if b.quick else 2):
         for target in ("chunk", "zarr.json", "index.duckdb"):
             kind.trials.extend(flip_trials(b, target))
+
+
+# ---- 4. full disk and 5. read-only disk -----------------------------------------------------
+def disk_inputs(b: Bench) -> dict:
+    import numpy as np
+
+    npy = b.work / "emb.npy"
+    if not npy.exists():
+        np.save(npy, np.random.default_rng(0).normal(size=(80, 300)).astype(np.float32))
+    gbm = GBM if GBM.exists() else b.data / "SimData1.h5ad"
+    return {"gbm": str(gbm), "npy": str(npy)}
+
+
+def disk_run(b: Bench, kind: Kind, run: dict, **how) -> list | None:
+    from small_disk import run_on_small_disk
+
+    w = b.dir("disk")
+    try:
+        results = run_on_small_disk(b.base, list(run.values()), w, **how)
+    except AssertionError as e:                  # the namespace started but the runner failed
+        kind.skipped = f"the small-disk runner failed: {str(e).strip().splitlines()[-1:]}"
+        return None
+    finally:
+        shutil.rmtree(w, ignore_errors=True)
+    if results is None:
+        kind.skipped = ("no mount namespace can be made here ('unshare --user --map-root-user --mount' "
+                        "or the tmpfs mount was refused)")
+    return results
+
+
+def disk_trial(name: str, r: dict, label: str, expect_ok: bool, reason: tuple, changes_ok: bool) -> Trial:
+    t = Trial(f"{name}, {label}")
+    result = Result(r["command"], r["rc"], r["stdout"], r["stderr"])
+    if expect_ok:
+        t.judge(result, expect=r["rc"] == 0, why="a command that needs no write failed")
+    else:
+        t.judge(result, expect=r["rc"] == 0 or any(x in result.err for x in reason),
+                why=f"the real cause ({' / '.join(reason)}) was not named")
+    if not r["verified"]:
+        t.survived = False
+        t.problems.append("store verify fails after it")
+    hidden = [f for f in r["other_files"] if f.startswith(".")]
+    t.same(not hidden and (r["rc"] == 0 or r["other_files"] in ([], ["p.tar"], ["x.parquet"])),
+           f"left on the disk: {r['other_files']}")
+    t.same(r["unchanged"] or (r["rc"] == 0 or changes_ok) and r["verified"],
+           f"the store changed: {r['changed'][:5]}")
+    return t
+
+
+def kind_full_disk(b: Bench, kind: Kind):
+    from test_disks import commands
+
+    cmds = commands(disk_inputs(b))
+    names = list(cmds)
+    runs = [(0, b.rng.sample(names, 2) if b.quick else names)]
+    if not b.quick:
+        runs.append((b.rng.randrange(16 << 10, 2 << 20), names))
+    for free, chosen in runs:
+        results = disk_run(b, kind, {n: cmds[n] for n in chosen}, free=free)
+        if results is None:
+            return
+        for name, r in zip(chosen, results):
+            # an extraction of several datasets keeps those it committed whole before the disk filled
+            kind.trials.append(disk_trial(name, r, f"{free:,} bytes free", False,
+                                          ("no space left on the device", "cannot write"),
+                                          changes_ok=name.startswith("extract") and free > 0))
+
+
+def kind_read_only(b: Bench, kind: Kind):
+    from test_disks import commands
+
+    cmds = {"query": ["query", "--store", "{st}", "SELECT count(*) AS n FROM cells"],
+            "store verify": ["store", "verify", "{st}"], "store info": ["store", "info", "{st}"],
+            **commands(disk_inputs(b))}
+    chosen = ["query", *b.rng.sample(list(cmds)[1:], 3)] if b.quick else list(cmds)
+    results = disk_run(b, kind, {n: cmds[n] for n in chosen}, readonly=True)
+    if results is None:
+        return
+    for name, r in zip(chosen, results):
+        reading = name in ("query", "store verify", "store info", "probe")
+        t = disk_trial(name, r, "read-only disk", reading, ("read-only",), changes_ok=False)
+        if name == "query" and "800" not in r["stdout"]:
+            t.survived = False
+            t.problems.append(f"query gave no count of 800 cells: {r['stdout'][-200:]}")
+        if name == "probe" and "results are shown, not stored" not in r["stderr"]:
+            t.survived = False
+            t.problems.append(f"probe did not say its results are not stored: {r['stderr'][-300:]}")
+        kind.trials.append(t)
+
+
+# ---- 6. concurrency ---------------------------------------------------------------------------------
+def two_extracts_held(b: Bench, hold_after: int) -> Trial:
+    """The second extract of a backbone starts while the first is held after ``hold_after`` chunks;
+    a reader queries the store meanwhile."""
+    _, clean = b.ref(("extract", "slow-hvg"), lambda: extraction_ref(b, "slow-hvg"))
+    w = b.dir("two-extracts")
+    st = b.copy(w / "st")
+    args = ["extract", "--store", st, *EXTRACTIONS["slow-hvg"][0]]
+    t = Trial(f"a second extract while the first is held after {hold_after} chunks; a query meanwhile")
+    first = start(*args, env=env_for(slow_env(w, hold_after=hold_after)))
+    wait_for(lambda: (w / "holding").exists(), first, f"chunk {hold_after + 1}", limit=CALL_LIMIT)
+    second = cli(*args, env=env_for(slow_env(w)))
+    t.judge(second, expect=second.refused("another 'scdrugmap extract --backbone slow-hvg' is running"),
+            why="the second extract was not refused in one line")
+    q = cli("query", "--store", st, "SELECT count(*) AS n FROM cells")
+    t.judge(q, expect=q.rc == 0 and "800" in q.stdout, why="the reader did not see 800 cells")
+    (w / "go").touch()
+    done = t.judge(finish(first))
+    t.same(done.rc == 0, "the first extract did not finish")
+    t.same(done.rc == 0 and embeddings(st, "slow-hvg") == clean, "embeddings differ from a lone run's")
+    left = leftovers(st)
+    t.same(not left, f"left behind: {left}")
+    shutil.rmtree(w)
+    return t
+
+
+def two_extracts_at_once(b: Bench) -> Trial:
+    _, clean = b.ref(("extract", "hvg"), lambda: extraction_ref(b, "hvg"))
+    w = b.dir("two-extracts")
+    st = b.copy(w / "st")
+    args = ["extract", "--store", st, *EXTRACTIONS["hvg"][0]]
+    t = Trial("two extracts of hvg started at the same moment")
+    procs = [start(*args), start(*args)]
+    results = [t.judge(finish(p)) for p in procs]
+    codes = sorted(r.rc for r in results)
+    refused = [r for r in results if r.rc]
+    # one refused in one line; or the second started after the first had finished and skipped all
+    t.judge(results[0], expect=codes == [0, 0] or (codes == [0, 2] and refused[0].refused("is running")),
+            why=f"not one finished and one refused: exits {codes}")
+    t.same(embeddings(st, "hvg") == clean, "embeddings differ from a lone run's")
+    left = leftovers(st)
+    t.same(not left, f"left behind: {left}")
+    shutil.rmtree(w)
+    return t
+
+
+PROBES = (("lr", 1), ("lr", 2), ("lgbm", 1), ("mlp", 1))
+
+
+def probe_ref(b: Bench, head: str, seed: int):
+    w = b.dir("ref-probe")
+    st = b.copy(w / "st")
+    r = cli("probe", "--store", st, "--backbone", "pca", "--head", head, "--seed", seed, "--quiet")
+    assert r.rc == 0, r.describe()
+    sig = probe_signatures(st, f"head = '{head}' AND seed = {seed}")
+    shutil.rmtree(w)
+    return sig
+
+
+def four_probes(b: Bench) -> Trial:
+    w = b.dir("four-probes")
+    st = b.copy(w / "st")
+    t = Trial("four probes at once (lr seed 1, lr seed 2, lgbm, mlp)")
+    before = probe_signatures(st)
+    procs = [start("probe", "--store", st, "--backbone", "pca", "--head", head, "--seed", seed, "--quiet")
+             for head, seed in PROBES]
+    results = [t.judge(finish(p)) for p in procs]
+    t.judge(results[0], expect=all(r.rc == 0 for r in results), why="not every probe finished")
+    t.same(len(probe_signatures(st)) == len(before) + 4, "not every run was stored")
+    for head, seed in PROBES:
+        got = probe_signatures(st, f"head = '{head}' AND seed = {seed}")
+        t.same(got == b.ref(("probe", head, seed), lambda: probe_ref(b, head, seed)),
+               f"the {head} seed {seed} run differs from the same probe run alone")
+    left = leftovers(st)
+    t.same(not left, f"left behind: {left}")
+    shutil.rmtree(w)
+    return t
+
+
+def reader_waits(b: Bench) -> Trial:
+    from test_concurrency import HOLDER
+
+    w = b.dir("reader")
+    st = b.copy(w / "st")
+    before = snapshot(st)
+    t = Trial("a query while another process holds the index for writing")
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(st / "index.duckdb")], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        log = w / "stderr.txt"
+        with open(log, "w") as err:
+            reader = start("query", "--store", st, "SELECT count(*) AS n FROM cells", stderr=err)
+            wait_for(lambda: "waiting for process" in log.read_text(), reader, "the reader's waiting message",
+                     limit=CALL_LIMIT)
+            holder.communicate("\n", timeout=60)
+            out, _ = reader.communicate(timeout=CALL_LIMIT)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+    r = Result(reader.args[len(CLI):], reader.returncode, out, "")    # its stderr: the waiting message
+    t.judge(r, expect=r.rc == 0 and "800" in out, why="the reader did not read 800 cells after the wait")
+    t.same(snapshot(st) == before, "the store changed")
+    shutil.rmtree(w)
+    return t
+
+
+def kind_concurrency(b: Bench, kind: Kind):
+    for k in sorted(int(x) for x in b.spread(1 if b.quick else 2, 0, 40)):
+        kind.trials.append(two_extracts_held(b, k))
+    if not b.quick:
+        kind.trials.append(two_extracts_at_once(b))
+        kind.trials.append(four_probes(b))
+    kind.trials.append(reader_waits(b))
+
+
+# ---- 7. hostile SQL ---------------------------------------------------------------------------------
+def parametrized(fn) -> list:
+    """The cases of a test's @pytest.mark.parametrize."""
+    return next(m.args[1] for m in fn.pytestmark if m.name == "parametrize")
+
+
+def sql_attacks(tmp: Path, st: Path) -> list[tuple[str, list, str]]:
+    import test_sql_safety as S
+
+    attacks = [(f"query {sql[:60]}", ["query", "--store", st, sql.format(st=st, tmp=tmp)], match)
+               for sql, match in S.QUERY_ATTACKS]
+    for where in parametrized(S.test_probe_where_cannot_read_files):
+        attacks.append((f"probe --where {where[:50]}", ["probe", "--store", st, "--backbone", "pca", "--where",
+                                                         where.format(tmp=tmp), "--quiet"], "disabled by configuration"))
+    for where, match in parametrized(S.test_where_cannot_escape_its_parentheses):
+        attacks.append((f"probe --where {where[:50]}", ["probe", "--store", st, "--backbone", "pca", "--where", where,
+                                                         "--quiet"], match))
+    attacks.append(("leaderboard --where read_text", ["leaderboard", "--store", st, "--where",
+                                                      f"head IN (SELECT content FROM read_text('{tmp}/*'))"],
+                    "disabled by configuration"))
+    return attacks
+
+
+def kind_sql(b: Bench, kind: Kind):
+    w = b.dir("sql")
+    tmp = w / "outside"
+    tmp.mkdir()
+    (tmp / "secret.txt").write_text(SECRET + "\n")
+    st = b.copy(w / "st")
+    attacks = sql_attacks(tmp, st)
+    if b.quick:
+        attacks = b.rng.sample(attacks[:-1], 3) + attacks[-1:]
+    for label, command, match in attacks:
+        t = Trial(label)
+        before, files = snapshot(st), sorted(p.name for p in w.rglob("*"))
+        r = cli(*command)
+        t.judge(r, expect=r.refused(match) and SECRET not in r.stdout + r.stderr,
+                why=f"not refused with '{match}'")
+        t.same(snapshot(st) == before, "the store changed")
+        after = sorted(p.name for p in w.rglob("*"))
+        t.same(after == files, f"files written: {sorted(set(after) - set(files))}")
+        kind.trials.append(t)
+    shutil.rmtree(w)
+
+
+# ---- the run ----------------------------------------------------------------------------------------
+KINDS = [
+    ("extract", "1. kills during extraction",
+     "the rerun and `store verify` (exit 0 or one-line error)",
+     "right after the kill a reader sees only whole datasets equal to a clean run's; the rerun completes, "
+     "its embeddings equal an uninterrupted run's (Store.load arrays and cells), `store verify` passes, "
+     "nothing is left to reclaim", kind_extraction),
+    ("other", "2. kills during ingest, probe, store pack/unpack/merge",
+     "the rerun and `store verify` (exit 0 or one-line error)",
+     "the rerun completes (or, if the kill came after the final rename, the destination is already whole) and "
+     "gives an uninterrupted run's result (store contents / manifest / unpacked bytes / probe metrics); "
+     "the killed probe stored its run whole or not at all; nothing left beside or in the destination; "
+     "`store verify` passes", kind_other),
+    ("flips", "3. byte flips (chunk, zarr.json, index.duckdb)",
+     "`store verify`, export and probe each exit 2 with one line naming the damaged array or the index "
+     "(a flip in index bytes nothing uses may pass)",
+     "the store is byte for byte as before and nothing was written; where an index flip was harmless, "
+     "what was read equals the undamaged store's", kind_flips),
+    ("full", "4. full disk (tmpfs, 0 bytes and a random amount free)",
+     "each command: exit 0, or one line naming the full disk; `store verify` passes after it",
+     "a refused command leaves the store byte for byte as before (an extraction may keep the datasets it "
+     "committed whole) and no hidden file on the disk; one that succeeded leaves a store that verifies",
+     kind_full_disk),
+    ("readonly", "5. read-only disk",
+     "reading commands succeed (probe prints, says it did not store); writing ones give one line naming "
+     "the read-only disk; `store verify` passes after each",
+     "the store is byte for byte as before", kind_read_only),
+    ("concurrency", "6. concurrency",
+     "the second extract refused in one line, the first finishes; all four probes finish; a reader waits "
+     "for a writer and then reads",
+     "the embeddings and probe runs equal those of the same commands run alone; the reader leaves the store "
+     "byte for byte as before; nothing left behind", kind_concurrency),
+    ("sql", "7. hostile SQL (query, probe --where, leaderboard --where)",
+     "refused: exit 2, one line with the expected reason, no secret in the output",
+     "the store is byte for byte as before and no file was written outside it", kind_sql),
+]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="a few trials per kind (about a minute)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the kill moments, flipped bytes and samples")
+    args = ap.parse_args(argv)
+
+    t0 = time.perf_counter()
+    print(f"fault_bench: {'--quick' if args.quick else 'default'} run, seed {args.seed}")
+    print(f"machine: {machine()}")
+    print("load average at start: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
+    kinds = []
+    with tempfile.TemporaryDirectory(prefix="fault-bench-") as tmp:
+        b = Bench(Path(tmp), args.quick, args.seed)
+        print(f"small store: 10 datasets x 80 cells, pca, one probe run; built in {b.setup():.1f} s", flush=True)
+        for key, title, surv, ident, run in KINDS:
+            kind = Kind(key, title, surv, ident)
+            t = time.perf_counter()
+            try:
+                run(b, kind)
+            except Exception as e:                 # a trial that could not even be judged
+                kind.trials.append(Trial(f"(aborted) {type(e).__name__}", survived=False, identical=False,
+                                         problems=[traceback.format_exc(limit=3).strip()[-1500:]]))
+            kind.seconds = time.perf_counter() - t
+            kinds.append(kind)
+            report(kind)
+
+    total = [t for k in kinds for t in k.trials]
+    n_s, n_i = sum(t.survived for t in total), sum(t.identical for t in total)
+    print("\nsummary")
+    width = max(len(k.title) for k in kinds)
+    for k in kinds:
+        row = (f"skipped: {k.skipped}" if k.skipped and not k.trials else
+               f"{len(k.trials):3d} trials, {sum(t.survived for t in k.trials):3d} survived, "
+               f"{sum(t.identical for t in k.trials):3d} identical  [{k.seconds:5.1f} s]")
+        print(f"  {k.title:<{width}}  {row}")
+    print(f"load average at end: " + " ".join(f"{x:.2f}" for x in os.getloadavg()) + " (1, 5, 15 min)")
+    print(f"wall time: {time.perf_counter() - t0:.0f} s")
+    print(f"total: {len(total)} trials, {n_s} survived, {n_i} identical")
+    return 0 if n_s == n_i == len(total) else 1
+
+
+def report(kind: Kind):
+    print(f"\n{kind.title}")
+    print(f"  survived means: {kind.survived_rule}")
+    print(f"  identical means: {kind.identical_rule}")
+    for line in kind.extra:
+        print(f"  {line}")
+    if kind.skipped:
+        print(f"  skipped: {kind.skipped}")
+    notes = {}
+    for t in kind.trials:
+        for n in t.notes:
+            notes[n] = notes.get(n, 0) + 1
+    if notes:
+        print("  " + "; ".join(f"{v} x {k}" for k, v in notes.items()))
+    print(f"  {len(kind.trials)} trials, {sum(t.survived for t in kind.trials)} survived, "
+          f"{sum(t.identical for t in kind.trials)} identical [{kind.seconds:.1f} s]", flush=True)
+    for t in kind.trials:
+        if t.problems:
+            print(f"  FAILED: {t.name}")
+            for p in t.problems:
+                print(f"    {p}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -86,12 +86,19 @@ HOLDER = textwrap.dedent("""
 """)
 
 
-def test_a_reader_waits_for_a_writer_then_reads(small_store, tmp_path):
+def _held_store(small_store, tmp_path):
+    """A copy of the store whose index another process holds for writing, and that process
+    (it lets go when a line is written to it)."""
     st = tmp_path / "st"
     shutil.copytree(small_store, st)
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(st / "index.duckdb")], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "holding"
+    return st, holder
+
+
+def test_a_reader_waits_for_a_writer_then_reads(small_store, tmp_path):
+    st, holder = _held_store(small_store, tmp_path)
     log = tmp_path / "stderr.txt"
     with open(log, "w") as err:
         reader = subprocess.Popen([*CLI, "query", "--store", str(st), "SELECT count(*) AS n FROM cells"],
@@ -104,11 +111,7 @@ def test_a_reader_waits_for_a_writer_then_reads(small_store, tmp_path):
 
 
 def test_a_writer_gives_up_after_the_lock_timeout_with_one_line(small_store, tmp_path):
-    st = tmp_path / "st"
-    shutil.copytree(small_store, st)
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(st / "index.duckdb")], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
-    assert holder.stdout.readline().strip() == "holding"
+    st, holder = _held_store(small_store, tmp_path)
     env = {**slow_env(tmp_path), "SCDRUGMAP_LOCK_TIMEOUT": "0.2"}
     result = subprocess.run([*CLI, "probe", "--store", str(st), "--backbone", "pca", "--quiet"], capture_output=True,
                             text=True, env=env)
