@@ -63,7 +63,7 @@ class Backbone:
     Lifecycle per ``scdrugmap extract`` call: ``__init__`` (load the model) ->
     :meth:`prepare` (whole-cohort work, e.g. fitting PCA) -> for each dataset
     :meth:`encoder` returns a function mapping a CSR block of cells x source genes to an
-    ``(n_cells, dim)`` float array.
+    ``(n_cells, dim)`` float array, and the runner asks :meth:`embed_rows` for each store chunk.
     """
 
     name: ClassVar[str]
@@ -73,6 +73,9 @@ class Backbone:
     requires: ClassVar[tuple[str, ...]] = ()   # importable modules it needs (e.g. "torch")
     extra: ClassVar[str | None] = None         # pip extra that installs them
     options: ClassVar[dict[str, Option]] = {}
+    # The cells of one forward pass attend to each other (CellPLM): which cells share a pass is
+    # part of the embedding, so a comparison of two runs must give both the same groups.
+    cells_attend: ClassVar[bool] = False
 
     def __init__(self, model_dir=None, device: str = "cpu", batch_size: int | None = None,
                  options: dict | None = None):
@@ -119,6 +122,14 @@ class Backbone:
 
     def encoder(self, source) -> Callable[[sp.csr_matrix], np.ndarray]:
         raise NotImplementedError
+
+    def embed_rows(self, source, encode, lo: int, hi: int) -> np.ndarray:
+        """The embeddings of the dataset's store rows ``lo`` to ``hi - 1`` (one store chunk), with
+        ``encode``, what :meth:`encoder` returned for ``source``. The runner calls it for each chunk
+        it computes. Default: read those rows and encode them. A backbone whose cells depend on
+        other cells (:attr:`cells_attend`) overrides it to read whatever rows it needs, so that its
+        embeddings do not depend on the chunk size or on which process computes a chunk."""
+        return encode(source.rows(lo, hi))
 
     @property
     def dim(self) -> int:

@@ -1,9 +1,11 @@
 """The extraction runner: every backbone, every dataset, chunk by chunk, resumable.
 
-For each dataset the runner re-reads the verified source file in row chunks aligned with
-the store's Zarr chunks, asks the backbone's encoder for embeddings, and writes each chunk
-through :class:`~scdrugmap.store.arrays.StagedArray`. Only a fully written dataset is
-committed to the index, with its provenance, in one transaction.
+For each dataset the runner asks the backbone for the embeddings of each row chunk aligned
+with the store's Zarr chunks (``Backbone.embed_rows``: by default the chunk's rows of the
+verified source file, re-read and encoded; CellPLM reads the rows of the cell groups that
+overlap the chunk), and writes each chunk through
+:class:`~scdrugmap.store.arrays.StagedArray`. Only a fully written dataset is committed to
+the index, with its provenance, in one transaction.
 
 Under ``torchrun`` the processes share every dataset's chunks (see :mod:`.world`).
 """
@@ -68,6 +70,11 @@ class DatasetSource:
 
     def rows(self, lo: int, hi: int):
         return src.rows_csr(src.matrix(self.adata, self.row.get("source_layer")), lo, hi)
+
+    def obs_column(self, name: str):
+        """The source file's obs column ``name`` as it is written there (a pandas Series), or None."""
+        obs = self.adata.obs
+        return obs[name] if name in obs.columns else None
 
     def close(self):
         if self._adata is not None:
@@ -196,8 +203,7 @@ def _extract_one(store: Store, model: registry.Backbone, source: DatasetSource, 
         for i in world.share(staged.n_chunks):
             lo, hi = staged.chunk_bounds(i)
             if i in mine:
-                block = source.rows(lo, hi)
-                values = np.asarray(encode(block), dtype=np.float32)
+                values = np.asarray(model.embed_rows(source, encode, lo, hi), dtype=np.float32)
                 staged.write_chunk(i, values)
             advance(hi - lo)
     world.barrier()              # every share is written
