@@ -147,3 +147,15 @@ class H5adSource:
 
     def ensembl_ids(self):
         return None
+
+    @property
+    def n_cells(self) -> int:
+        return self.adata.n_obs
+
+    def rows(self, lo: int, hi: int):
+        import scipy.sparse as sp
+
+        return sp.csr_matrix(self.adata.X[lo:hi])
+
+    def obs_column(self, name: str):
+        return self.adata.obs[name] if name in self.adata.obs.columns else None

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pickle
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -22,8 +26,8 @@ torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
 from scdrugmap.extract.backbones.cellplm import (CellPLM, CellPLMConfig, GeneMatch, build_model,  # noqa: E402
-                                                  cell_groups, flow_attention, match_genes, read_gene_map,
-                                                  sparse_tensor)
+                                                  batch_codes, cell_groups, flow_attention, match_genes,
+                                                  official_groups, read_gene_map, read_rows, sparse_tensor)
 from scdrugmap.store.store import Store  # noqa: E402
 
 GENE_MAP = SHARED / "backbone_assets" / "geneformer" / "gene_name_id_dict.pkl"
@@ -185,10 +189,79 @@ def test_flow_attention_matches_the_formulas():
 
 
 def test_cell_groups():
+    """grouping=chunk: near-equal groups inside a store chunk."""
     assert [b - a for a, b in cell_groups(4096, 1000)] == [820, 819, 819, 819, 819]
     assert cell_groups(40, 4096) == [(0, 40)] and cell_groups(0, 10) == []
     assert cell_groups(7, 3) == [(0, 3), (3, 5), (5, 7)]                # no 1-cell tail
     assert cell_groups(12, 4) == [(0, 4), (4, 8), (8, 12)]
+
+
+def official_rule(n, size, labels=None):
+    """The official grouping written out here from its description (CellEmbeddingPipeline._inference
+    over TranscriptomicDataset): one item per obs['batch'] value, the values in sorted order (missing
+    ones last, as one value), an item's cells in dataset order; each item cut into slices of ``size``
+    cells from its first, the last slice taking what is left."""
+    if labels is None:
+        labels = [0] * n
+    missing = [i for i, v in enumerate(labels) if v is None or v != v]
+    values = sorted({v for i, v in enumerate(labels) if i not in missing})
+    items = [[i for i, v in enumerate(labels) if i not in missing and v == value] for value in values]
+    items += [missing] if missing else []
+    groups = []
+    for cells in items:
+        start = 0
+        while start < len(cells):
+            end = start + size if len(cells) - start >= size else len(cells)
+            groups.append(cells[start:end])
+            start = end
+    return groups
+
+
+@pytest.mark.parametrize("n, size", [(23, 5), (40, 15), (40, 10), (3, 4096), (1, 1), (0, 7), (4096, 1000)])
+def test_official_groups_are_the_official_rule(n, size):
+    groups = official_groups(n, size)
+    assert [g.tolist() for g in groups.groups()] == official_rule(n, size)
+    assert all(len(g) == size for g in groups.groups()[:-1])             # runs of size, the remainder last
+    for lo in range(0, n, 3):                                             # the groups that hold rows lo..hi-1
+        for hi in range(lo + 1, min(n, lo + 9) + 1):
+            expect = [k for k, g in enumerate(groups.groups()) if ((g >= lo) & (g < hi)).any()]
+            assert groups.overlapping(lo, hi).tolist() == expect
+
+
+def test_official_groups_within_batch_values():
+    rng = np.random.default_rng(0)
+    labels = rng.choice(["p2", "p10", "p1"], size=37).tolist()
+    for size in (1, 4, 5, 13, 100):
+        groups = official_groups(37, size, labels)
+        assert [g.tolist() for g in groups.groups()] == official_rule(37, size, labels)
+        assert groups.values == 3
+        for lo in range(0, 37, 4):
+            expect = [k for k, g in enumerate(groups.groups()) if ((g >= lo) & (g < lo + 6)).any()]
+            assert groups.overlapping(lo, lo + 6).tolist() == expect
+    # sorted values (LabelEncoder's order), a value's cells in store order, runs from its first cell
+    assert [g.tolist() for g in official_groups(7, 2, ["b", "a", "b", "a", "b", "a", "b"]).groups()] == \
+        [[1, 3], [5], [0, 2], [4, 6]]
+    # categorical, integer and missing values; the codes are those of the sorted values
+    cat = pd.Categorical(["x", None, "y", "x", None], categories=["y", "x"])
+    assert batch_codes(cat)[0].tolist() == [0, 2, 1, 0, 2] and batch_codes(cat)[1] == 3
+    assert [g.tolist() for g in official_groups(5, 4, cat).groups()] == [[0, 3], [2], [1, 4]]
+    assert [g.tolist() for g in official_groups(4, 4, pd.Series([3, 1, 3, 2])).groups()] == [[1], [3], [0, 2]]
+    assert batch_codes(np.array([2.0, np.nan, 1.0]))[0].tolist() == [1, 2, 0]
+    assert batch_codes(["a", 1, "a"])[1] == 2                              # mixed types: still a partition
+
+
+def test_read_rows_of_a_group():
+    X = sp.random(50, 9, density=0.3, format="csr", random_state=1)
+
+    class Rows:
+        def rows(self, lo, hi):
+            assert 0 <= lo < hi <= 50
+            return X[lo:hi]
+
+    for rows in ([3, 4, 5], [0, 2, 3, 17, 18, 49], list(range(50)), [7]):
+        for window in (1, 4, 4096):
+            got = read_rows(Rows(), np.array(rows), window=window)
+            assert got.has_canonical_format and (got != X[rows]).nnz == 0
 
 
 def test_embedding_matches_reference_and_depends_on_its_batch(checkpoint, pc9_small, gene_map):
@@ -222,6 +295,8 @@ def test_extract_on_real_pc9_cells(cli, checkpoint, pc9_small, gene_map, tmp_pat
     prov = Store.open(st).provenance("cellplm").iloc[0]
     params = json.loads(prov["params"])
     assert params["batch_cells"] == 4096 and params["order"] == "store order"
+    assert params["grouping"] == "official" and params["batch_col"] == "batch"      # the default grouping
+    assert params["batch_col_used"] is False and params["batch_values"] is None and params["groups"] == 1
     assert params["latent"] == "GMVAE mean, argmax cluster" and params["checkpoint"] == RELEASE
     assert params["gene_map"] == "gene_name_id_dict.pkl"
     assert params["gene_map_sha256"] == hashlib.sha256(gene_map.read_bytes()).hexdigest()
@@ -249,6 +324,165 @@ def test_extract_on_real_pc9_cells(cli, checkpoint, pc9_small, gene_map, tmp_pat
     assert np.abs(X7.astype(np.float32) - X.astype(np.float32)).max() > 1e-2
     cli.ok(*base, "--force", "--batch-size", "7")
     assert np.array_equal(Store.open(st).load("cellplm")[0], X7)
+
+
+def _direct(model, source, groups, complete=True):
+    """Store rows embedded with each group (row indices) as one forward pass; ``complete``: the
+    groups hold every row."""
+    match = model.matching(source)
+    X = sp.csr_matrix(source.adata.X)
+    out = np.full((X.shape[0], model.dim), np.nan, dtype=np.float32)
+    for g in groups:
+        out[g] = model.forward(match.prepare(X[g]))
+    assert not (complete and np.isnan(out).any())
+    return out
+
+
+def _dense_log1p(model, source):
+    match = model.matching(source)
+    block = sp.csr_matrix(source.adata.X)
+    dense = np.zeros((block.shape[0], len(model.cfg.genes)))
+    dense[:, match.gene_idx] = np.log1p(block.toarray()[:, match.cols])   # symbols route: no repeated gene
+    return dense
+
+
+def _params(st):
+    prov = Store.open(st).provenance("cellplm").iloc[0]
+    return json.loads(prov["params"]), int(prov["chunk_rows"])
+
+
+def test_default_grouping_spans_store_chunks(cli, checkpoint, pc9_small, gene_map, tmp_path):
+    """40 cells in runs of 15 (the last of 10) written in chunks of 7: groups cross chunk
+    boundaries, and the embeddings are those of the official groups whatever the chunk size."""
+    st = tmp_path / "st"
+    cli.ok("ingest", pc9_small, "--store", st, "--dataset", "pc9", "--label-col", "response")
+    base = ("extract", "--store", st, "--backbone", "cellplm", "--model-dir", checkpoint, "--quiet",
+            "--option", f"gene_map={gene_map}", "--option", "batch_cells=15", "--dtype", "float32")
+    cli.ok(*base, "--chunk-rows", "7")
+    X = Store.open(st).load("cellplm")[0]
+    params, chunk_rows = _params(st)
+    assert chunk_rows == 7 and params["grouping"] == "official" and params["batch_cells"] == 15
+    assert params["batch_col"] == "batch" and params["batch_col_used"] is False and params["groups"] == 3
+    source = Source(pc9_small)
+    model = CellPLM(model_dir=checkpoint, options={"gene_map": str(gene_map), "batch_cells": 15})
+    groups = official_rule(40, 15)
+    assert [len(g) for g in groups] == [15, 15, 10]
+    np.testing.assert_array_equal(X, _direct(model, source, groups))
+    state, cfg, dense = load_state(checkpoint), release_config(**SMALL), _dense_log1p(model, source)
+    for g in groups:                                                      # the official formulas, group by group
+        ref = reference_embedding(state, cfg, torch.from_numpy(dense[g])).numpy()
+        np.testing.assert_allclose(X[g], ref, atol=1e-4, rtol=1e-4)
+    # the chunk size changes nothing (one chunk, chunks of 16, of one row); reruns are byte-identical
+    for chunk in ("4096", "16", "1", "7"):
+        cli.ok(*base, "--force", "--chunk-rows", chunk)
+        assert np.array_equal(Store.open(st).load("cellplm")[0], X), chunk
+    # it is not the chunk scheme: near-equal groups inside 7-row chunks give other embeddings
+    by_chunk = [list(range(c + a, c + b)) for c in range(0, 40, 7) for a, b in cell_groups(min(7, 40 - c), 15)]
+    assert np.abs(_direct(model, source, by_chunk) - X).max() > 1e-3
+    # the encoder: each group computed once when the chunks come in order; any order, any chunking
+    # gives the same rows
+    encode = model.encoder(source)
+    assert np.array_equal(np.concatenate([model.embed_rows(source, encode, lo, min(lo + 7, 40))
+                                          for lo in range(0, 40, 7)]), X)
+    assert encode.computed == 3 and not encode.kept
+    shuffled = model.encoder(source)
+    for lo, hi in [(33, 40), (14, 16), (0, 14), (16, 33)]:
+        assert np.array_equal(model.embed_rows(source, shuffled, lo, hi), X[lo:hi])
+    # a block given directly is a dataset of its own: runs of 15 from its first row
+    np.testing.assert_array_equal(encode(sp.csr_matrix(source.adata.X[10:40])),
+                                  _direct(model, source, [list(range(10, 25)), list(range(25, 40))], complete=False)[10:40])
+
+
+def test_grouping_chunk_keeps_the_old_scheme(cli, checkpoint, pc9_small, gene_map, tmp_path):
+    st = tmp_path / "st"
+    cli.ok("ingest", pc9_small, "--store", st, "--dataset", "pc9", "--label-col", "response")
+    base = ("extract", "--store", st, "--backbone", "cellplm", "--model-dir", checkpoint, "--quiet",
+            "--option", f"gene_map={gene_map}", "--option", "batch_cells=7", "--option", "grouping=chunk",
+            "--dtype", "float32")
+    cli.ok(*base, "--chunk-rows", "16")
+    X = Store.open(st).load("cellplm")[0]
+    params, chunk_rows = _params(st)
+    assert chunk_rows == 16 and params["grouping"] == "chunk" and params["batch_cells"] == 7
+    assert params["batch_col"] is None and "batch_col_used" not in params and "near-equal" in params["batching"]
+    source = Source(pc9_small)
+    model = CellPLM(model_dir=checkpoint, options={"gene_map": str(gene_map)})
+    # chunks of 16, 16 and 8 rows, each cut into ceil(rows / 7) near-equal groups: 6+5+5, 6+5+5, 4+4
+    groups = [list(range(c + a, c + b)) for c in (0, 16, 32) for a, b in cell_groups(min(16, 40 - c), 7)]
+    assert [len(g) for g in groups] == [6, 5, 5, 6, 5, 5, 4, 4]
+    np.testing.assert_array_equal(X, _direct(model, source, groups))
+    cli.ok(*base, "--force", "--chunk-rows", "16")                          # deterministic
+    assert np.array_equal(Store.open(st).load("cellplm")[0], X)
+    cli.ok(*base, "--force")                                                # one chunk: other groups (6 x 6 + 4)
+    X1 = Store.open(st).load("cellplm")[0]
+    np.testing.assert_array_equal(X1, _direct(model, source, [list(range(a, b)) for a, b in cell_groups(40, 7)]))
+    assert np.abs(X1 - X).max() > 1e-3
+    # and the default differs from it: runs of 7 with a remainder of 5
+    cli.ok(*base[:-4], "--dtype", "float32", "--force", "--chunk-rows", "16")
+    assert _params(st)[0]["grouping"] == "official"
+    np.testing.assert_array_equal(Store.open(st).load("cellplm")[0], _direct(model, source, official_rule(40, 7)))
+    before = snapshot(st)
+    cli.fails(*base, "--force", "--option", "batch_col=batch", match="applies to grouping=official")
+    cli.fails(*base[:-4], "--force", "--option", "grouping=random", match="grouping=random: use official")
+    assert snapshot(st) == before
+
+
+def test_batch_column_is_honoured(cli, checkpoint, pc9_small, gene_map, tmp_path):
+    """obs['batch'] as the official code reads it: runs of batch_cells within each value."""
+    a = ad.read_h5ad(pc9_small)
+    labels = np.array(["s2", "s1", "s3"], dtype=object)[np.random.default_rng(3).integers(0, 3, a.n_obs)]
+    labels[[5, 6, 30]] = None                                                  # missing: a value of their own
+    a.obs["batch"] = pd.Categorical(labels)
+    a.write_h5ad(tmp_path / "batched.h5ad")
+    st = tmp_path / "st"
+    cli.ok("ingest", tmp_path / "batched.h5ad", "--store", st, "--dataset", "pc9", "--label-col", "response")
+    base = ("extract", "--store", st, "--backbone", "cellplm", "--model-dir", checkpoint, "--quiet",
+            "--option", f"gene_map={gene_map}", "--option", "batch_cells=6", "--dtype", "float32")
+    cli.ok(*base, "--chunk-rows", "7")
+    X = Store.open(st).load("cellplm")[0]
+    groups = official_rule(a.n_obs, 6, labels.tolist())
+    assert sorted(sum(groups, [])) == list(range(40)) and any(g[-1] - g[0] >= 7 for g in groups)   # across chunks
+    params, _ = _params(st)
+    assert params["batch_col"] == "batch" and params["batch_col_used"] is True and params["batch_values"] == 4
+    assert params["groups"] == len(groups)
+    source = Source(tmp_path / "batched.h5ad")
+    model = CellPLM(model_dir=checkpoint, options={"gene_map": str(gene_map), "batch_cells": 6})
+    np.testing.assert_array_equal(X, _direct(model, source, groups))
+    cli.ok(*base, "--force")                                                 # one chunk: the same bytes
+    assert np.array_equal(Store.open(st).load("cellplm")[0], X)
+    # batch_col= : the column is ignored, runs over the whole dataset
+    cli.ok(*base, "--force", "--chunk-rows", "7", "--option", "batch_col=")
+    params, _ = _params(st)
+    assert params["batch_col"] is None and params["batch_col_used"] is False and params["groups"] == 7
+    np.testing.assert_array_equal(Store.open(st).load("cellplm")[0], _direct(model, source, official_rule(40, 6)))
+    # another column, named explicitly: used when there, refused when not
+    cli.ok(*base, "--force", "--chunk-rows", "7", "--option", "batch_col=response")
+    assert _params(st)[0]["batch_values"] == 2
+    np.testing.assert_array_equal(Store.open(st).load("cellplm")[0],
+                                  _direct(model, source, official_rule(40, 6, a.obs["response"].tolist())))
+    before = snapshot(st)
+    cli.fails(*base, "--force", "--option", "batch_col=donor", match="has no obs column 'donor'")
+    assert snapshot(st) == before
+
+
+def test_two_processes_under_torchrun_give_the_same_groups(cli, checkpoint, pc9_small, gene_map, tmp_path):
+    """Two ranks, each with half of the 7-row chunks: the group of rows 15-29 straddles the ranks'
+    shares, and the stored bytes are those of one process writing one chunk."""
+    args = ["--backbone", "cellplm", "--model-dir", str(checkpoint), "--option", f"gene_map={gene_map}",
+            "--option", "batch_cells=15", "--quiet"]
+    for name in ("one", "two"):
+        cli.ok("ingest", pc9_small, "--store", tmp_path / name, "--dataset", "pc9", "--label-col", "response")
+    cli.ok("extract", "--store", tmp_path / "one", *args)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    scdrugmap = Path(sys.executable).parent / "scdrugmap"
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "--no-python", str(scdrugmap), "extract", "--store", str(tmp_path / "two"), *args,
+                          "--chunk-rows", "7"], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "rank 1 of 2: cellplm · pc9: computed 3 chunks" in run.stderr
+    one, two = Store.open(tmp_path / "one"), Store.open(tmp_path / "two")
+    assert np.array_equal(one.load("cellplm")[0], two.load("cellplm")[0])
+    assert one.provenance("cellplm").iloc[0]["params"] == two.provenance("cellplm").iloc[0]["params"]
 
 
 def test_gene_map_found_in_model_dir(cli, checkpoint, pc9_small, gene_map, tmp_path):

@@ -52,17 +52,39 @@ names, so the released ``<name>.best.ckpt`` loads unchanged. Each step and its o
   from run to run; here ``y`` is the one-hot argmax of the cluster logits, deterministic. Where
   the logits of a cell have a clear winner both agree; elsewhere an official run gives one of the
   other clusters' ``mu`` at random. Nothing here is random.
-* **batching** (``pipeline/cell_embedding.py::CellEmbeddingPipeline._inference``): the official
-  default passes the whole dataset (per ``obs['batch']`` group) in one forward pass. The runner
-  hands over store chunks (``--chunk-rows``, 4,096 rows), so here a batch is a run of
-  consecutive store rows inside one chunk: each chunk is cut into ceil(rows / ``batch_cells``)
-  groups of near-equal size (never one of a few left-over cells), in store order. ``batch_cells``
-  defaults to 4,096, a whole default chunk (the pretraining used batches of up to 4,000 cells,
-  ``max_batch_size``); ``--batch-size N`` means the same. Flow attention is linear in the number
-  of cells, and so is memory: a 4,096-cell batch of PC9 cells (about 1,250 matched genes detected
-  per cell) took about 0.35 GB beside the weights (55M used of the 85M) with the release's sizes
-  on CPU. ``obs['batch']`` is not used for grouping. The group size, order and chunk
-  size are in provenance; changing any of them changes the embeddings (tested).
+* **batching**: which cells share a forward pass is part of the embedding, since they attend to
+  each other. The official inference (``pipeline/cell_embedding.py::CellEmbeddingPipeline``,
+  ``predict`` -> ``_inference``) reads ``inference_config['batch_size']`` (absent or 0: the
+  number of cells, i.e. everything at once) and iterates over ``utils/data.py::
+  TranscriptomicDataset``. That dataset has one item per value of ``obs['batch']``: the values are
+  numbered by sklearn's ``LabelEncoder`` (sorted order) and an item holds the cells of one value in
+  the dataset's order (a boolean mask), with their positions (``order_required``); without the
+  column it warns and makes one item of all cells. ``_inference`` cuts each item into consecutive
+  slices of ``batch_size`` cells from its first cell, the last slice taking what is left, runs one
+  forward pass per slice and puts the predictions back in the dataset's order. scdrugmap follows
+  this by default (``--option grouping=official``): the groups are those slices, computed once
+  for the whole dataset in store order (:func:`official_groups`), per value of the obs column
+  ``--option batch_col`` (default ``batch``, as the official code; the source file's obs, as
+  written; missing values count as one value; ``batch_col=`` ignores any column; a column named
+  explicitly must exist). The values' order changes no embedding. The store is written in chunks
+  (``--chunk-rows``, 4,096 rows), several processes sharing them under torchrun, so a group may
+  span chunks: the runner asks :meth:`CellPLM.embed_rows` for a chunk's rows, and each comes from
+  a forward pass over its whole group, the group's other rows read from the source
+  (:class:`DatasetEncoder`; a group that reaches into the next chunk is kept until that chunk is
+  done, and a process whose share starts inside a group computes that group too). The
+  embeddings therefore do not depend on the chunk size or the number of processes (tested);
+  with the default 4,096 cells and chunks of 4,096 rows, and no batch column, a group is a chunk.
+  ``batch_cells`` defaults to 4,096 rather than the official "all at once" (the pretraining used
+  batches of up to 4,000 cells, ``max_batch_size``); ``--batch-size N`` means the same. Flow
+  attention is linear in the number of cells, and so is memory: a 4,096-cell batch of PC9 cells
+  (about 1,250 matched genes detected per cell) took about 0.35 GB beside the weights (55M used
+  of the 85M) with the release's sizes on CPU. ``--option grouping=chunk`` keeps the earlier
+  scheme: each store chunk is cut into ceil(rows / ``batch_cells``) groups of near-equal size
+  (:func:`cell_groups`), never across chunks, so the chunk size changes the embeddings, and no
+  batch column is used. A block handed to the encoder directly (benchmarks, tests) is taken as a
+  dataset of its own without a batch column. Provenance records ``grouping``, ``batch_cells``,
+  ``batch_col`` and, per dataset, ``batch_col_used``, ``batch_values`` and ``groups``; other
+  groups give other embeddings (tested).
 * **precision**: the engine's autocast (``--option precision``, bf16 on CUDA by default; the
   official code runs fp32). The sparse input product and the flow-attention normalisation
   (sums, reciprocals and softmax over up to thousands of cells) always run in fp32.
@@ -88,12 +110,21 @@ from ..registry import Option, register
 
 MIN_MATCHED = 0.05        # refuse a dataset when fewer than 5% of its genes are in the gene list
 DEFAULT_BATCH_CELLS = 4096
+GROUPINGS = ("official", "chunk")
+BATCH_COL = "batch"       # the official TranscriptomicDataset groups by obs['batch']
 PE_POSITIONS = 100 * 100  # utils/pe.py: a 100 x 100 grid of positions
 QZYX_HIDDEN = 512         # latent/autoencoders.py::InferenceNet: nn.Linear(x_dim + y_dim, 512)
 NB_HIDDEN = 128           # decoder/zinb.py::NB: n_dec_1=128
 FLOW_EPS = 1e-6           # layer/flowformer.py::Flow_Attention eps
 GENE_MAP_PATTERNS = ("gene_name_id_dict*.pkl", "gene_map*.tsv", "gene_map*.csv")
 LATENT = "GMVAE mean, argmax cluster"
+BATCHING = {
+    "official": "the official CellEmbeddingPipeline's: within each batch_col value (when the dataset has the "
+                "column) the cells in store order, cut into consecutive runs of batch_cells from the first, the "
+                "last run the remainder, whatever the store chunks; the cells of a group attend to each other",
+    "chunk": "consecutive store rows; each store chunk cut into ceil(rows / batch_cells) groups of near-equal size; "
+             "the cells of a group attend to each other",
+}
 
 
 # ---- config and checkpoint files -----------------------------------------------------------
@@ -342,12 +373,104 @@ def sparse_tensor(x: sp.csr_matrix):
 
 
 def cell_groups(n: int, size: int) -> list[tuple[int, int]]:
-    """Consecutive row ranges covering ``n`` rows: ceil(n / size) groups of near-equal size."""
+    """``grouping=chunk``: consecutive row ranges covering ``n`` rows (a store chunk), ceil(n / size)
+    groups of near-equal size."""
     if n == 0:
         return []
     k = -(-n // size)
     bounds = np.cumsum([0] + [n // k + (i < n % k) for i in range(k)])
     return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def runs(n: int, size: int) -> list[tuple[int, int]]:
+    """``grouping=official`` without a batch column: consecutive runs of ``size`` rows from row 0,
+    the last run holding the remainder."""
+    return [(lo, min(lo + size, n)) for lo in range(0, n, size)]
+
+
+def batch_codes(values) -> tuple[np.ndarray, int]:
+    """``(codes, k)``: each cell's batch value as 0..k-1, the values numbered in sorted order (as
+    sklearn's ``LabelEncoder`` numbers them in the official ``TranscriptomicDataset``); missing
+    values (NaN, None) count as one value of their own, numbered last."""
+    import pandas as pd
+
+    values = pd.Series(np.asarray(values, dtype=object))
+    missing = values.isna().to_numpy()
+    present = values[~missing]
+    try:
+        found, uniques = pd.factorize(present, sort=True)
+    except TypeError:                                   # values of several types: sort them by type, then text
+        found, uniques = pd.factorize(present.map(lambda v: f"{type(v).__name__}\0{v}"), sort=True)
+    k = len(uniques)
+    codes = np.full(len(values), k, dtype=np.int64)
+    codes[~missing] = found
+    return codes, k + int(missing.any())
+
+
+class Grouping:
+    """A dataset's forward-pass groups under ``grouping=official``: group ``g`` is the store rows
+    ``order[bounds[g]:bounds[g + 1]]`` (ascending); ``order`` None stands for ``0..n-1``."""
+
+    def __init__(self, n: int, bounds: np.ndarray, order: np.ndarray | None = None, values: int = 0):
+        self.n, self.bounds, self.order, self.values = n, np.asarray(bounds, dtype=np.int64), order, values
+        self._group_of = None
+
+    def __len__(self) -> int:
+        return len(self.bounds) - 1
+
+    def rows(self, g: int) -> np.ndarray:
+        lo, hi = int(self.bounds[g]), int(self.bounds[g + 1])
+        return np.arange(lo, hi, dtype=np.int64) if self.order is None else self.order[lo:hi]
+
+    def groups(self) -> list[np.ndarray]:
+        return [self.rows(g) for g in range(len(self))]
+
+    def overlapping(self, lo: int, hi: int) -> np.ndarray:
+        """The groups that hold any of the store rows ``lo`` to ``hi - 1``, ascending."""
+        if hi <= lo:
+            return np.zeros(0, dtype=np.int64)
+        if self.order is None:
+            first, last = np.searchsorted(self.bounds, [lo, hi - 1], side="right") - 1
+            return np.arange(first, last + 1, dtype=np.int64)
+        if self._group_of is None:
+            self._group_of = np.empty(self.n, dtype=np.int64)
+            self._group_of[self.order] = np.repeat(np.arange(len(self)), np.diff(self.bounds))
+        return np.unique(self._group_of[lo:hi])
+
+
+def official_groups(n: int, size: int, labels=None) -> Grouping:
+    """The official grouping (``pipeline/cell_embedding.py::CellEmbeddingPipeline._inference`` over
+    ``utils/data.py::TranscriptomicDataset``): without ``labels``, consecutive runs of ``size`` cells
+    from the first, the last run holding the remainder; with ``labels`` (the ``obs['batch']`` values),
+    the same within each batch value: the value's cells in store order, cut into runs of ``size``
+    from its first cell. The values come in sorted order (which changes no embedding)."""
+    if labels is None:
+        return Grouping(n, np.r_[np.arange(0, n, size), n])
+    codes, k = batch_codes(labels)
+    if len(codes) != n:
+        raise ValueError(f"{len(codes)} batch labels for {n} cells")
+    order = np.argsort(codes, kind="stable")           # value by value, store order within a value
+    counts = np.bincount(codes, minlength=k)
+    starts = np.r_[0, np.cumsum(counts)[:-1]]
+    bounds = np.concatenate([start + np.arange(0, count, size) for start, count in zip(starts, counts)] + [[n]])
+    return Grouping(n, bounds, order, k)
+
+
+def read_rows(source, rows: np.ndarray, window: int = 4096) -> sp.csr_matrix:
+    """The source's store rows ``rows`` (ascending), in that order: consecutive rows in one read,
+    scattered ones by windows of at most ``window`` rows."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if len(rows) == 0 or rows[-1] - rows[0] + 1 == len(rows):
+        lo = int(rows[0]) if len(rows) else 0
+        return sp.csr_matrix(source.rows(lo, lo + len(rows)))
+    parts, i = [], 0
+    while i < len(rows):
+        lo = int(rows[i])
+        j = int(np.searchsorted(rows, lo + window, side="left"))
+        block = sp.csr_matrix(source.rows(lo, int(rows[j - 1]) + 1))
+        parts.append(block[rows[i:j] - lo])
+        i = j
+    return sp.vstack(parts, format="csr")
 
 
 # ---- genes ----------------------------------------------------------------------------------
@@ -432,6 +555,40 @@ class _CellRows:
         return i, self.x[i]
 
 
+class DatasetEncoder:
+    """One dataset's embeddings. Called with a block, it embeds the block as a dataset of its own
+    (:meth:`CellPLM.embed_block`); :meth:`rows` gives store rows of the dataset (one chunk at a time,
+    for the runner): under ``grouping=official`` each from the whole group that holds it, its other
+    rows read from the source, so the result depends neither on the chunk size nor on which
+    process computes a chunk. A group that reaches past the chunk is kept for the next chunks."""
+
+    def __init__(self, backbone: "CellPLM", source, match: GeneMatch, grouping: Grouping | None):
+        self.backbone, self.source, self.match, self.grouping = backbone, source, match, grouping
+        self.kept: dict = {}             # group -> (rows, embeddings) of groups reaching past the last chunk
+        self.computed = 0                # groups run through the model (tests)
+
+    def __call__(self, block: sp.csr_matrix) -> np.ndarray:
+        return self.backbone.embed_block(block, self.match)
+
+    def rows(self, lo: int, hi: int) -> np.ndarray:
+        if self.grouping is None:
+            return self(self.source.rows(lo, hi))
+        out = np.empty((hi - lo, self.backbone.dim), dtype=np.float32)
+        for g in self.grouping.overlapping(lo, hi).tolist():
+            if g in self.kept:
+                rows, emb = self.kept[g]
+            else:
+                rows = self.grouping.rows(g)
+                emb = self.backbone.forward(self.match.prepare(read_rows(self.source, rows)))
+                self.computed += 1
+            inside = (rows >= lo) & (rows < hi)
+            out[rows[inside] - lo] = emb[inside]
+            if rows[-1] >= hi:
+                self.kept[g] = (rows, emb)
+        self.kept = {g: v for g, v in self.kept.items() if v[0][-1] >= hi}
+        return out
+
+
 def _stack_rows(items):
     """Collate ``(index, 1-row CSR)`` items: the indices and the rows stacked in batch order."""
     import torch
@@ -451,9 +608,14 @@ class CellPLM(TorchBackbone):
         "name": Option("", "checkpoint NAME of NAME.best.ckpt + NAME.config.json (default: the only pair)"),
         "gene_map": Option("", "symbol -> Ensembl ID map (.pkl dict, or TSV/CSV) for datasets with symbols only "
                                "(default: gene_name_id_dict*.pkl or gene_map*.tsv|csv in --model-dir)"),
-        "batch_cells": Option(DEFAULT_BATCH_CELLS, "cells per forward pass; they attend to each other "
-                                                   "(consecutive store rows, never across store chunks)", int),
+        "batch_cells": Option(DEFAULT_BATCH_CELLS, "cells per forward pass; they attend to each other", int),
+        "grouping": Option("official", "official: consecutive runs of batch_cells cells over the dataset (within "
+                                       "each batch_col value), the last run the remainder, as the official "
+                                       "CellEmbeddingPipeline; chunk: each store chunk cut into near-equal groups"),
+        "batch_col": Option(BATCH_COL, "obs column whose values the official grouping keeps apart, when the "
+                                       "dataset has it (empty: none)"),
     }
+    cells_attend = True
 
     # LoRA targets (``scdrugmap finetune``): the flow attention's four projections and the encoder
     # layers' feed-forward layers
@@ -477,6 +639,15 @@ class CellPLM(TorchBackbone):
         if self.batch_cells < 1:
             raise UserError(f"cells per batch must be at least 1 (got {self.batch_cells})")
         self.batch_size = self.batch_cells
+        self.grouping = self.config["grouping"]
+        if self.grouping not in GROUPINGS:
+            raise UserError(f"--option grouping={self.grouping}: use official (the official CellPLM batches) or "
+                            "chunk (near-equal groups inside each store chunk)")
+        self.batch_col_given = "batch_col" in (kwargs.get("options") or {})
+        self.batch_col = self.config["batch_col"].strip() if self.grouping == "official" else ""
+        if self.batch_col_given and self.grouping != "official":
+            raise UserError("--option batch_col applies to grouping=official only: cells grouped by store "
+                            "chunk ignore batch values")
         self.model_dir = Path(self.model_dir)
         self.config_path, self.ckpt_path = find_checkpoint(self.model_dir, self.config["name"])
         self.cfg = CellPLMConfig.read(self.config_path)
@@ -489,6 +660,7 @@ class CellPLM(TorchBackbone):
             model.load_state_dict({k: state[k] for k in used}, strict=True)
         self.model = model.to(self.device).eval()
         self._matched: dict = {}
+        self._groupings: dict = {}
         self._gene_map: dict | None = None
 
     @property
@@ -547,33 +719,57 @@ class CellPLM(TorchBackbone):
         return self._matched[source.name]
 
     # -- embedding ------------------------------------------------------------------------------
-    def encoder(self, source):
+    def groups_of(self, source) -> Grouping | None:
+        """The dataset's groups under ``grouping=official`` (None under ``grouping=chunk``)."""
+        if self.grouping != "official":
+            return None
+        if source.name not in self._groupings:
+            labels = None
+            if self.batch_col:
+                labels = source.obs_column(self.batch_col)
+                if labels is None and self.batch_col_given:
+                    raise UserError(f"dataset {source.name!r} has no obs column {self.batch_col!r} "
+                                    f"(--option batch_col={self.batch_col}): name a column it has, or give "
+                                    "batch_col= to group the cells without one")
+            self._groupings[source.name] = official_groups(source.n_cells, self.batch_cells, labels)
+        return self._groupings[source.name]
+
+    def encoder(self, source) -> "DatasetEncoder":
         match = self.matching(source)       # checks the genes before anything is written
+        return DatasetEncoder(self, source, match, self.groups_of(source))
 
-        def encode(block: sp.csr_matrix) -> np.ndarray:
-            return self.embed_block(block, match)
+    def embed_rows(self, source, encode: "DatasetEncoder", lo: int, hi: int) -> np.ndarray:
+        """Store rows ``lo`` to ``hi - 1`` from the whole groups that hold them (``grouping=official``),
+        or from the chunk's own rows cut into near-equal groups (``grouping=chunk``)."""
+        return encode.rows(lo, hi)
 
-        return encode
+    def block_groups(self, n: int) -> list[tuple[int, int]]:
+        """The groups of a block of ``n`` rows taken as a dataset of its own (no batch column)."""
+        return runs(n, self.batch_cells) if self.grouping == "official" else cell_groups(n, self.batch_cells)
 
     def embed_block(self, block: sp.csr_matrix, match: GeneMatch) -> np.ndarray:
-        """A store chunk's embeddings: groups of consecutive rows (:func:`cell_groups`), one
-        forward pass each; no length sorting, nothing random."""
-        import torch
-
+        """A block of cells taken as a dataset of its own, no batch column: groups of consecutive
+        rows (:meth:`block_groups`), one forward pass each; no length sorting, nothing random."""
         x = match.prepare(block)
         out = np.empty((x.shape[0], self.dim), dtype=np.float32)
-        with torch.inference_mode(), self.autocast():
-            for lo, hi in cell_groups(x.shape[0], self.batch_cells):
-                emb = embed_cells(self.model, sparse_tensor(x[lo:hi]).to(self.device), self.cfg.heads)
-                out[lo:hi] = emb.float().cpu().numpy()
+        for lo, hi in self.block_groups(x.shape[0]):
+            out[lo:hi] = self.forward(x[lo:hi])
         return out
+
+    def forward(self, x: sp.csr_matrix) -> np.ndarray:
+        """One forward pass: the prepared rows ``x`` attend to each other."""
+        import torch
+
+        with torch.inference_mode(), self.autocast():
+            emb = embed_cells(self.model, sparse_tensor(x).to(self.device), self.cfg.heads)
+            return emb.float().cpu().numpy()
 
     # -- fine-tuning ----------------------------------------------------------------------------
     def finetune_cells(self, source, block):
         """A cell's input is its row of log1p counts over the model's genes (no tokens): every
-        cell has length 1, so scoring batches are runs of ``--batch-size`` consecutive cells in
-        store order (extraction: near-equal groups of a store chunk) and training batches random
-        sets of cells; the cells of a batch attend to each other."""
+        cell has length 1, so scoring batches are runs of ``--batch-size`` consecutive cells of a
+        store chunk (extraction groups cells as the module docstring says) and training batches
+        random sets of cells; the cells of a batch attend to each other."""
         return _CellRows(self.matching(source).prepare(block))
 
     def finetune_collate(self):
@@ -585,13 +781,19 @@ class CellPLM(TorchBackbone):
         return embed_cells(self.model, sparse_tensor(x).to(self.device), self.cfg.heads)
 
     def dataset_params(self, source) -> dict:
-        return dict(self.matching(source).facts)
+        facts = dict(self.matching(source).facts)
+        grouping = self.groups_of(source)
+        if grouping is not None:
+            facts.update({"batch_col_used": grouping.order is not None,
+                          "batch_values": grouping.values if grouping.order is not None else None,
+                          "groups": len(grouping)})
+        return facts
 
     def params(self) -> dict:
         return {"precision": self.precision, "checkpoint": self.config_path.name[: -len(".config.json")],
-                "batch_cells": self.batch_cells, "batch_size": self.batch_cells,
-                "batching": "consecutive store rows; each store chunk cut into ceil(rows / batch_cells) groups of "
-                            "near-equal size; the cells of a group attend to each other",
+                "batch_cells": self.batch_cells, "batch_size": self.batch_cells, "grouping": self.grouping,
+                "batch_col": self.batch_col or None,
+                "batching": BATCHING[self.grouping],
                 "order": "store order", "latent": LATENT, "input": "log1p(raw counts) x gene embedding",
                 "model_genes": len(self.cfg.genes), "layers": self.cfg.layers, "heads": self.cfg.heads,
                 "flow_attention_precision": "fp32"}
