@@ -25,7 +25,8 @@ the engine's length-sorted batches and with the same batch size in store order (
 same run), the model FLOPs per cell (counted by torch's FlopCounterMode on 8 cells embedded
 one at a time, so padding is not counted), and on CUDA the MFU against the GPU's dense bf16 peak,
 the peak GPU memory, and the agreement of the GPU's (bf16 autocast) embeddings with a CPU
-fp32 run of the same cells.
+fp32 run of the same cells (for CellPLM, whose cells attend to each other, with the same
+``batch_cells`` and grouping on both sides, so the figure is precision, not grouping).
 
 Run: ``python benchmarks/extract_bench.py [--device cuda] [--cells N] [--backbone NAME ...]
 [--workers N] [--json FILE]``.
@@ -224,16 +225,24 @@ def padding(lengths: np.ndarray, batches) -> float:
     return 1 - lengths.sum() / width if width else 0.0
 
 
-def agreement(cls, model_dir, options, source, encode, n: int) -> dict:
-    """The same cells on this device (its default precision) and on the CPU in fp32."""
+def agreement(cls, model_dir, options, source, encode, n: int, batch_size: int | None = None) -> dict:
+    """The same cells on this device (its default precision) and on the CPU in fp32, so that the
+    figures measure precision alone. ``batch_size`` is the device model's: where cells attend to
+    each other (CellPLM) the CPU model takes it and the same options (grouping included), so both
+    embed the same block in the same groups; elsewhere a cell does not depend on its batch and the
+    CPU runs batches of 8."""
     block = source.rows(0, min(n, source.n_cells))
     here = np.asarray(encode(block), dtype=np.float64)
-    cpu = cls(model_dir=model_dir, device="cpu", batch_size=8,
+    cpu_batch = batch_size if cls.cells_attend else 8
+    cpu = cls(model_dir=model_dir, device="cpu", batch_size=cpu_batch,
               options={**options, "precision": "fp32", **({"workers": 0} if "workers" in options else {})})
     ref = np.asarray(cpu.encoder(source)(block), dtype=np.float64)
     cos = (here * ref).sum(1) / (np.linalg.norm(here, axis=1) * np.linalg.norm(ref, axis=1))
-    return {"cpu_fp32_min_cosine": round(float(cos.min()), 5),
-            "cpu_fp32_max_rel_err": round(float(np.abs(here - ref).max() / np.abs(ref).max()), 4)}
+    out = {"cpu_fp32_min_cosine": round(float(cos.min()), 5),
+           "cpu_fp32_max_rel_err": round(float(np.abs(here - ref).max() / np.abs(ref).max()), 4)}
+    if cls.cells_attend:
+        out["cpu_check_batch"] = cpu.batch_size
+    return out
 
 
 def bench(name: str, store: Store, device: str, workers: int, batch_size: int | None, check_cells: int = 0) -> dict:
@@ -303,7 +312,7 @@ def bench(name: str, store: Store, device: str, workers: int, batch_size: int | 
             row["mfu"] = round(per_cell * n / seconds / peak, 3) if peak else None
             row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
     if neural and check_cells and device != "cpu":
-        row.update(agreement(cls, model_dir, options, source, encode, check_cells))
+        row.update(agreement(cls, model_dir, options, source, encode, check_cells, model.batch_size))
     del model
     if device.startswith("cuda"):
         torch.cuda.empty_cache()

@@ -485,6 +485,22 @@ def test_two_processes_under_torchrun_give_the_same_groups(cli, checkpoint, pc9_
     assert one.provenance("cellplm").iloc[0]["params"] == two.provenance("cellplm").iloc[0]["params"]
 
 
+def test_benchmark_compares_the_same_groups(checkpoint, pc9_small, gene_map):
+    """extract_bench's device-vs-CPU check gives the CPU model the device model's batch, so CellPLM's
+    figures are precision alone: here both sides are the CPU in fp32, hence identical."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import extract_bench
+
+    source = Source(pc9_small)
+    options = {"gene_map": str(gene_map)}
+    model = CellPLM(model_dir=checkpoint, batch_size=12, options=options)
+    facts = extract_bench.agreement(CellPLM, checkpoint, options, source, model.encoder(source), 40, model.batch_size)
+    assert facts == {"cpu_fp32_min_cosine": 1.0, "cpu_fp32_max_rel_err": 0.0, "cpu_check_batch": 12}
+    # the batch matters: a CPU run in batches of 8 (what the check used before) is another embedding
+    eights = CellPLM(model_dir=checkpoint, batch_size=8, options=options)
+    assert np.abs(eights.encoder(source)(source.rows(0, 40)) - model.encoder(source)(source.rows(0, 40))).max() > 1e-3
+
+
 def test_gene_map_found_in_model_dir(cli, checkpoint, pc9_small, gene_map, tmp_path):
     folder = tmp_path / "ckpt"
     shutil.copytree(checkpoint, folder)
