@@ -155,16 +155,16 @@ def test_a_read_survives_a_concurrent_re_extraction(store_copy, monkeypatch):
     st = store_copy()
     store = Store.open(st)
     expected, _ = store.load("pca", where="dataset = 'SimData1'")
-    real = arrays.read_rows
+    real = arrays.read_rows_many
     calls = []
 
-    def replaced_meanwhile(array, rows, out=None, rel=None):
-        if not calls:
-            calls.append(rel)
+    def replaced_meanwhile(jobs):
+        if not calls:                           # the arrays are open; now another process replaces them
+            calls.append(jobs[0][3])
             extract(Store.open(st), "pca", datasets=["SimData1"], force=True, chunk_rows=40, show_progress=False)
-        return real(array, rows, out=out, rel=rel)
+        return real(jobs)
 
-    monkeypatch.setattr(arrays, "read_rows", replaced_meanwhile)
+    monkeypatch.setattr(arrays, "read_rows_many", replaced_meanwhile)
     X, _ = store.load("pca", where="dataset = 'SimData1'")
     assert calls and not (st / "embeddings.zarr" / calls[0]).exists()      # the array it opened is gone
     np.testing.assert_array_equal(X, expected)
