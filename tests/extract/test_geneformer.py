@@ -51,6 +51,25 @@ def test_rank_value_encoding_by_hand():
     assert v2.tokens(values, 0).tolist() == [2, 11, 10, 3] and v2.lengths(values).tolist() == [4, 2, 3]
 
 
+def test_ties_follow_source_gene_order(checkpoint):
+    """Two genes of the release's dictionaries with the same median and the same count tie: they
+    are ranked in the source's gene order (here the reverse of the dictionary's order)."""
+    from scdrugmap.extract.backbones.geneformer import Geneformer
+
+    model = Geneformer(model_dir=checkpoint, batch_size=2)
+    later, earlier = "ENSG00000264844", "ENSG00000207632"      # both median 1.4484356894553883
+    assert model.medians[later] == model.medians[earlier] and model.tokens[later] > model.tokens[earlier]
+
+    class Source:
+        name, value_kind = "ties", "counts"
+        def ensembl_ids(self): return np.array([later, earlier, "ENSG00000000003"])
+        def symbols(self, upper=True): return np.array(["A", "B", "C"])
+
+    tok = model.cell_tokenizer(Source())
+    ids = tok.tokens(tok.prepare(sp.csr_matrix(np.array([[3, 3, 0], [3, 3, 1]], dtype=np.float32))), 0)
+    assert ids.tolist() == [model.tokens[later], model.tokens[earlier]]
+
+
 def test_extract_on_real_pc9_cells(cli, checkpoint, pc9_small, tmp_path):
     st = tmp_path / "st"
     cli.ok("ingest", pc9_small, "--store", st, "--dataset", "pc9", "--label-col", "response")

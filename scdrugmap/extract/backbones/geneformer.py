@@ -177,7 +177,10 @@ class Geneformer(TorchBackbone):
             raise UserError(f"dataset {source.name!r}: only {len(cols)} of {len(ids)} genes are in the Geneformer "
                             "vocabulary: check that its gene identifiers are human Ensembl IDs or symbols")
         src, dst = np.array(cols).T
-        used = np.unique(dst)              # vocabulary genes present, in vocabulary order
+        # vocabulary genes present, in the order of their first source column: the ranking's
+        # stable sort then breaks ties in source gene order (the official ranks columns in source order)
+        _, first = np.unique(dst, return_index=True)
+        used = dst[np.sort(first)]
         remap = np.full(len(vocab), -1)
         remap[used] = np.arange(len(used))
         collapse = sp.csr_matrix((np.ones(len(src)), (src, remap[dst])), shape=(len(ids), len(used)))
