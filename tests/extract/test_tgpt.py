@@ -59,6 +59,7 @@ def test_extract_on_real_pc9(cli, checkpoint, pc9, tmp_path):
     text = " ".join(clean_symbol(a.var_names[c]) for c in ranked)
     enc = model.tokenizer(text, return_tensors="pt")
     assert enc["input_ids"].shape[1] == len(ranked) + 2        # </b> ... </s>, one token per gene
+    enc["token_type_ids"] = torch.zeros_like(enc["input_ids"])  # as the transformers 4.x tokenizer gave them
     with torch.inference_mode():
         hidden = model.model(**enc).last_hidden_state[0, 1:-1].mean(0).numpy()
     np.testing.assert_allclose(X[7].astype(np.float32), hidden, atol=2e-3)

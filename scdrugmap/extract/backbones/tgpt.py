@@ -12,6 +12,12 @@ and the hub checkpoint ``lixiangchun/transcriptome-gpt-1024-8-16-64``):
   normalisation gives the same order), ties in source gene order, and genes absent from the
   vocabulary (e.g. mitochondrial genes, which it lacks) are skipped rather than becoming
   ``<unk>``;
+* token type 0 at every position: the official ``train.py`` and README pass the tokenizer's whole
+  output to the model (``model(**batch)``), and with the transformers 4.x of the release the
+  tokenizer returns ``token_type_ids`` (all 0; its ``model_input_names`` default), which GPT-2
+  embeds with its word embedding: every input position gets ``wte[0]`` (the ``<pad>`` row) added.
+  The released weights were trained that way, so scdrugmap passes them explicitly (transformers
+  5 tokenizers no longer return them, and the README run there would leave them out);
 * embedding: mean of the last hidden state over the gene tokens (``</b>``, ``</s>`` and padding
   excluded), as the official README does.
 """
@@ -116,7 +122,10 @@ class TGPT(TorchBackbone):
         return RankedSymbolTokenizer(cols, ids, self.config["max_length"] - 2, self.vocab["</b>"], self.vocab["</s>"])
 
     def pool(self, input_ids, attention_mask):
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        # token type 0 everywhere: GPT-2 adds wte[token type], i.e. the <pad> row, to every input
+        # position, as in the official training and README (see the module docstring)
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                            token_type_ids=input_ids.new_zeros(input_ids.shape)).last_hidden_state
         return masked_mean(hidden, without_ends(attention_mask))   # gene tokens: not </b>, </s>
 
     def dataset_params(self, source) -> dict:
@@ -125,4 +134,5 @@ class TGPT(TorchBackbone):
     def params(self) -> dict:
         return {**super().params(), "max_length": self.config["max_length"],
                 "ranking": "raw counts, descending; ties in source gene order; out-of-vocabulary genes skipped",
-                "symbol_cleanup": "'-' and '.' -> '_'", "pooling": "mean of last hidden state over gene tokens"}
+                "symbol_cleanup": "'-' and '.' -> '_'", "token_type_ids": "0 at every position (wte[0] added)",
+                "pooling": "mean of last hidden state over gene tokens"}
