@@ -20,9 +20,11 @@ names, so the released ``<name>.best.ckpt`` loads unchanged. Each step and its o
 * **genes** (``pipeline/__init__.py::Pipeline.common_preprocess``): source genes are matched to
   the config's ``gene_list`` (Ensembl IDs, 19,374 in ``20230926_85M``), genes outside it are
   dropped, the rest keep the source order. A dataset with Ensembl IDs (``ensembl_ids()``, version
-  suffixes removed) is matched directly; a source column whose ID repeats adds its own term, as
-  the official ``adata[:, genes in gene_set]`` keeps every such column. A dataset with symbols only
-  is mapped offline (the official pipeline asks the mygene web service,
+  suffixes removed) is matched directly; a source column whose ID repeats adds its own term.
+  **Difference:** the official code has no result there: it selects the genes by a list of names
+  (``adata[:, [g for g in var_names if g in gene_set]]``), which fails on repeated var names
+  (pandas ``InvalidIndexError``); IDs that appear once, the official case, are unaffected. A
+  dataset with symbols only is mapped offline (the official pipeline asks the mygene web service,
   ``pipeline/experimental.py::symbol_to_ensembl``): ``--option gene_map=FILE``, a two-column
   TSV/CSV symbol -> Ensembl ID or a pickled dict such as Geneformer's ``gene_name_id_dict.pkl``,
   or such a file (``gene_name_id_dict*.pkl``, ``gene_map*.tsv``, ``gene_map*.csv``) in
