@@ -10,7 +10,9 @@ padded batch into cell embeddings; the engine does the rest, the same way for ev
 * ``torch.inference_mode``, bf16 autocast on CUDA (``--option precision=fp32|bf16|fp16``),
   PyTorch SDPA attention where the architecture has it;
 * rows come back in the store's order, whatever the batch order was; a cell's embedding does
-  not depend on the batch it is in (tested).
+  not depend on the batch it is in (tested), unless a backbone's option asks for an official
+  computation that does (the Performers' ``key_max=batch``, which then batches consecutive
+  store cells through :meth:`TorchBackbone.batches`).
 
 torch is imported inside functions: the registry must load on the core install.
 """
@@ -234,8 +236,7 @@ class TorchBackbone(Backbone):
         from torch.utils.data import DataLoader
 
         cells = _CellTokens(block, tokenizer)
-        lengths = cells.lengths()
-        batches = length_sorted_batches(lengths, self.batch_size)
+        batches = self.batches(cells.lengths())
         loader = DataLoader(cells, batch_sampler=batches, collate_fn=_Pad(self.pad_id, self.pad_values),
                             num_workers=self.config["workers"], pin_memory=self.on_cuda)
         out = np.empty((block.shape[0], self.dim), dtype=np.float32)
@@ -249,6 +250,11 @@ class TorchBackbone(Backbone):
                 self.padding_stats[0] += int(mask.numel() - mask.sum())
                 self.padding_stats[1] += int(mask.numel())
         return out
+
+    def batches(self, lengths: np.ndarray) -> list[list[int]]:
+        """The batches (lists of row indices) that :meth:`embed_block` runs one block of cells in,
+        given every cell's token count; default: :func:`length_sorted_batches`."""
+        return length_sorted_batches(lengths, self.batch_size)
 
     def params(self) -> dict:
         return {**super().params(), "precision": self.precision, "batch_size": self.batch_size,
@@ -296,6 +302,12 @@ def length_sorted_batches(lengths: np.ndarray, batch_size: int) -> list[list[int
     """Batches of cells of similar token count (longest first), so little of a batch is padding."""
     order = np.argsort(-np.asarray(lengths), kind="stable")
     return [order[i:i + batch_size].tolist() for i in range(0, len(order), batch_size)]
+
+
+def consecutive_batches(n: int, batch_size: int) -> list[list[int]]:
+    """Batches of consecutive cells in store order, ``[0, batch_size)``, ``[batch_size, 2 *
+    batch_size)``, ...; the last one may be shorter (a ``DataLoader`` with ``shuffle=False``)."""
+    return [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
 
 
 class CellTokenizer:

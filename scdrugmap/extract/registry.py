@@ -120,6 +120,10 @@ class Backbone:
         """Remove what :meth:`prepare` saved in ``store`` if no stored embedding uses it (called when
         the disk refused a write, so that the failed command leaves the store as it was)."""
 
+    def check_chunk_rows(self, chunk_rows: int) -> None:
+        """Refuse (one line) a ``--chunk-rows`` that this backbone's settings cannot honour; called
+        before any dataset is read (default: any is fine)."""
+
     def encoder(self, source) -> Callable[[sp.csr_matrix], np.ndarray]:
         raise NotImplementedError
 

@@ -159,6 +159,7 @@ def _extract(store, cls, backbone, names, world, model_dir, device, batch_size, 
     with world.joined():
         model = cls(model_dir=model_dir, device=world.device(device), batch_size=batch_size, options=options)
         try:
+            model.check_chunk_rows(chunk_rows)
             # Encoders first: they check every dataset (gene overlap, ...) before anything is written.
             encoders = {source.name: model.encoder(source) for source in sources}
             # Rank 0 does (and saves) the whole-cohort work; the others then find it done.
