@@ -71,9 +71,13 @@ import numpy as np
 import scipy.sparse as sp
 
 from ..errors import UserError
-from .engine import key_mismatches
+from .engine import TorchBackbone, consecutive_batches, key_mismatches
+from .registry import Option
 
 KERNEL_EPS = 1e-4          # softmax_kernel(eps=1e-4)
+# the key maximum of the softmax kernel: over one cell's (heads, positions, features), or over the
+# whole batch tensor as the official torch.max(data_dash)
+KEY_MAX_DIMS = {"cell": (1, 2, 3), "batch": (0, 1, 2, 3)}
 # LoRA targets of both backbones (``scdrugmap finetune``): every projection is called as a module
 LORA_ATTENTION = (r"layers\.\d+\.0\.fn\.to_(q|k|v|out)",)
 LORA_MLP = (r"layers\.\d+\.1\.fn\.fn\.w[12]",)
@@ -101,6 +105,74 @@ class PerformerSizes:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+# ---- what the two backbones share ----------------------------------------------------------
+@dataclass
+class Choice(Option):
+    """An option whose value must be one of ``choices``."""
+
+    choices: tuple = ()
+
+    def check(self, name: str, value):
+        if value not in self.choices:
+            raise UserError(f"--option {name}={value!r}: use one of {', '.join(self.choices)}")
+        return value
+
+
+class PerformerBackbone(TorchBackbone):
+    """Base of ``scbert`` and ``celllm``: the ``key_max`` option and the batching it implies.
+
+    ``key_max=cell`` (default): the kernel's key maximum per cell; batches are the engine's
+    (length-sorted within a store chunk) and do not change an embedding. ``key_max=batch``: the
+    official batched computation, one maximum over each batch; the batches are then what an
+    official run over the dataset in store order makes (``DataLoader(batch_size=B,
+    shuffle=False)``): cells ``[0, B)``, ``[B, 2B)``, ... of the dataset, the last one shorter.
+    The engine cuts them from each store chunk's first cell, so ``--chunk-rows`` must be a
+    multiple of ``B`` (checked). Extraction only: ``scdrugmap finetune`` forms its own batches,
+    so it refuses ``key_max=batch``."""
+
+    options = {
+        **TorchBackbone.options,
+        "key_max": Choice("cell", "the softmax kernel's key maximum: cell (one per cell, so an embedding does not "
+                                  "depend on its batch; = the official forward on one cell) or batch (one per batch "
+                                  "of --batch-size consecutive store cells, as an official batched run; --chunk-rows "
+                                  "must be a multiple of --batch-size)", choices=("cell", "batch")),
+    }
+
+    @property
+    def key_max(self) -> str:
+        return self.config["key_max"]
+
+    def batches(self, lengths) -> list[list[int]]:
+        if self.key_max == "batch":
+            return consecutive_batches(len(lengths), self.batch_size)
+        return super().batches(lengths)
+
+    def check_chunk_rows(self, chunk_rows: int) -> None:
+        b = self.batch_size
+        if self.key_max == "batch" and chunk_rows % b:
+            raise UserError(f"--option key_max=batch forms official batches of {b} consecutive cells, cut from each "
+                            f"store chunk's first cell: --chunk-rows {chunk_rows} is not a multiple of --batch-size "
+                            f"{b}, so a batch would be split at a chunk's end; give --chunk-rows "
+                            f"{max(b, chunk_rows // b * b)}")
+
+    def finetune_cells(self, source, block):
+        if self.key_max == "batch":
+            raise UserError("--option key_max=batch is for extraction (official batches of consecutive store cells); "
+                            "fine-tuning forms its own batches: leave key_max at its default, cell")
+        return super().finetune_cells(source, block)
+
+    def key_max_params(self, per_cell: str) -> dict:
+        """Provenance of the key maximum (``per_cell``: how the default is described) and, for
+        ``key_max=batch``, of the batches that share one."""
+        if self.key_max == "cell":
+            return {"key_max": per_cell}
+        b = self.batch_size
+        return {"key_max": f"per batch (official torch.max over the batch's keys): one maximum per batch of {b} "
+                           "consecutive store cells",
+                "batching": f"store order: cells [0, {b}), [{b}, {2 * b}), ... of the dataset share a batch (an "
+                            "official DataLoader with shuffle=False), right padding"}
 
 
 # ---- the model ------------------------------------------------------------------------------
@@ -171,8 +243,8 @@ def build_performer(sizes: PerformerSizes):
             self.to_out = nn.Linear(sizes.dim, sizes.num_tokens)
             self.sizes = sizes
 
-        def forward(self, tokens, positions, key_weight, value_mask=None):
-            return encode(self, tokens, positions, key_weight, value_mask)
+        def forward(self, tokens, positions, key_weight, value_mask=None, key_max: str = "cell"):
+            return encode(self, tokens, positions, key_weight, value_mask, key_max)
 
     model = PerformerLM()
     for p in model.parameters():
@@ -180,10 +252,11 @@ def build_performer(sizes: PerformerSizes):
     return model.eval()
 
 
-def feature_map(x, projection, is_query: bool, live=None):
+def feature_map(x, projection, is_query: bool, live=None, key_max: str = "cell"):
     """``softmax_kernel`` on ``x`` (batch, heads, n, dim_head), in float32. Queries: row maximum.
-    Keys: one maximum per cell over its heads, positions where ``live`` (batch, n) is true, and
-    features (officially one maximum over the whole batch tensor)."""
+    Keys: with ``key_max="cell"`` one maximum per cell over its heads, positions where ``live``
+    (batch, n) is true, and features; with ``"batch"`` one maximum over all of that for the whole
+    batch tensor (the official ``torch.max(data_dash)``)."""
     import torch
 
     x = x.float()
@@ -195,18 +268,19 @@ def feature_map(x, projection, is_query: bool, live=None):
     else:
         padded = live is not None and not bool(live.all())
         masked = dash.masked_fill(~live[:, None, :, None], float("-inf")) if padded else dash
-        stab = masked.amax(dim=(1, 2, 3), keepdim=True)
+        stab = masked.amax(dim=KEY_MAX_DIMS[key_max], keepdim=True)
         stab = torch.where(torch.isfinite(stab), stab, torch.zeros_like(stab))   # a cell with no live key
     return projection.shape[0] ** -0.5 * (torch.exp(dash - diag - stab) + KERNEL_EPS)
 
 
-def fast_attention(q, k, v, projection, key_weight):
-    """Non-causal FAVOR+ attention (float32) with per-position key weights (batch, n)."""
+def fast_attention(q, k, v, projection, key_weight, key_max: str = "cell"):
+    """Non-causal FAVOR+ attention (float32) with per-position key weights (batch, n); ``key_max``
+    as in :func:`feature_map`."""
     import torch
 
     live = key_weight > 0
     qf = feature_map(q, projection, True)
-    kf = feature_map(k, projection, False, live)
+    kf = feature_map(k, projection, False, live, key_max)
     if not bool(live.all()):                                                   # padding: 0, never inf * 0
         kf = torch.where(live[:, None, :, None], kf, torch.zeros_like(kf))
     if not bool((key_weight == 1).all()):
@@ -217,7 +291,7 @@ def fast_attention(q, k, v, projection, key_weight):
     return torch.einsum("bhme,bhnm,bhn->bhne", context, qf, d_inv)
 
 
-def self_attention(attn, x, key_weight, value_mask=None):
+def self_attention(attn, x, key_weight, value_mask=None, key_max: str = "cell"):
     """``SelfAttention.forward`` (global heads only: ``local_attn_heads=0``)."""
     import torch
 
@@ -231,17 +305,18 @@ def self_attention(attn, x, key_weight, value_mask=None):
     if value_mask is not None:        # the official mask zeroes v only
         v = v.masked_fill(~value_mask[:, None, :, None], 0.0)
     with torch.autocast(device_type=x.device.type, enabled=False):
-        out = fast_attention(q, k, v, attn.fast_attention.projection_matrix, key_weight)
+        out = fast_attention(q, k, v, attn.fast_attention.projection_matrix, key_weight, key_max)
     out = out.transpose(1, 2).reshape(b, n, -1)
     return attn.to_out(out)
 
 
-def encode(model, tokens, positions, key_weight, value_mask=None):
-    """The official forward up to and including the final ``norm``: (batch, n, dim)."""
+def encode(model, tokens, positions, key_weight, value_mask=None, key_max: str = "cell"):
+    """The official forward up to and including the final ``norm``: (batch, n, dim). ``key_max``:
+    ``"cell"`` (each cell as if alone in its batch) or ``"batch"`` (the official batched run)."""
     x = model.token_emb(tokens)
     x += model.pos_emb.emb(positions)              # float32 += float64, as the official in-place add
     for attn_block, ff_block in model.performer.net.layers:
-        x = x + self_attention(attn_block.fn, attn_block.norm(x), key_weight, value_mask)
+        x = x + self_attention(attn_block.fn, attn_block.norm(x), key_weight, value_mask, key_max)
         x = x + ff_block.fn.fn(ff_block.norm(x))
     return model.norm(x)
 

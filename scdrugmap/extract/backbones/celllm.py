@@ -65,10 +65,10 @@ import numpy as np
 import scipy.sparse as sp
 
 from ...errors import UserError
-from ..engine import CellTokenizer, TorchBackbone, sha256_files
-from ..performer import (LORA_ATTENTION, LORA_MLP, GeneMatch, PerformerSizes, build_performer, check_state,
-                         default_nb_features, expression_bins, find_file, load_state, log2_normalised, model_folder,
-                         read_checkpoint, read_gene_list)
+from ..engine import CellTokenizer, sha256_files
+from ..performer import (LORA_ATTENTION, LORA_MLP, GeneMatch, PerformerBackbone, PerformerSizes, build_performer,
+                         check_state, default_nb_features, expression_bins, find_file, load_state, log2_normalised,
+                         model_folder, read_checkpoint, read_gene_list)
 from ..registry import Option, register
 
 NO_GENE_LIST = ("cellLM's gene order (gene_num genes) is not published with OpenBioMed: pass --option gene_list=FILE "
@@ -154,14 +154,14 @@ class NonzeroGeneTokenizer(CellTokenizer):
 
 
 @register
-class CellLM(TorchBackbone):
+class CellLM(PerformerBackbone):
     name = "celllm"
     summary = "cellLM (OpenBioMed Performer over the nonzero binned genes); CLS output"
     default_dim = 512
     default_batch_size = 8
     requires = ("torch",)
     options = {
-        **TorchBackbone.options,
+        **PerformerBackbone.options,
         "config": Option("", "cellLM config JSON (default: cellLM*.json in --model-dir)"),
         "checkpoint": Option("", "checkpoint file (default: the config's ckpt_path name, else the only *.pth)"),
         "gene_list": Option("", "the model's gene order, one symbol per line (required: not published; default: "
@@ -221,7 +221,7 @@ class CellLM(TorchBackbone):
 
     def pool(self, input_ids, attention_mask, genes, key_weight):
         value_mask = attention_mask.bool() & (input_ids != self.pad_token)
-        hidden = self.model(input_ids, genes.long(), key_weight, value_mask)
+        hidden = self.model(input_ids, genes.long(), key_weight, value_mask, self.key_max)
         return hidden[:, 0].float()
 
     def dataset_params(self, source) -> dict:
@@ -241,4 +241,5 @@ class CellLM(TorchBackbone):
                 "padding": f"official: to max_seq_len {self.cfg.max_seq_len}, only v masked (one PAD position "
                            "weighted by the pad count)",
                 "pooling": "CLS output after the final norm", "cells_filtered": "none",
-                "key_max": "per cell (= the official forward on one cell)", "attention_precision": "fp32"}
+                **self.key_max_params("per cell (= the official forward on one cell)"),
+                "attention_precision": "fp32"}

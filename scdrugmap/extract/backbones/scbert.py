@@ -55,10 +55,10 @@ import numpy as np
 import scipy.sparse as sp
 
 from ...errors import UserError
-from ..engine import CellTokenizer, TorchBackbone, sha256_files
-from ..performer import (LORA_ATTENTION, LORA_MLP, GeneMatch, build_performer, check_state, expression_bins,
-                         find_file, load_state, log2_normalised, model_folder, read_checkpoint, read_gene_list,
-                         sizes_from_state)
+from ..engine import CellTokenizer, sha256_files
+from ..performer import (LORA_ATTENTION, LORA_MLP, GeneMatch, PerformerBackbone, build_performer, check_state,
+                         expression_bins, find_file, load_state, log2_normalised, model_folder, read_checkpoint,
+                         read_gene_list, sizes_from_state)
 from ..registry import Option, register
 
 GENE_LIST_PATTERNS = ("panglao_10000.h5ad", "gene_list*.txt")
@@ -88,14 +88,14 @@ class ReferenceBinTokenizer(CellTokenizer):
 
 
 @register
-class ScBERT(TorchBackbone):
+class ScBERT(PerformerBackbone):
     name = "scbert"
     summary = "scBERT (Performer over 16,906 binned reference genes); mean of the gene outputs"
     default_dim = 200
     default_batch_size = 4
     requires = ("torch",)
     options = {
-        **TorchBackbone.options,
+        **PerformerBackbone.options,
         "checkpoint": Option("", "checkpoint file (default: the only *.pth in --model-dir)"),
         "gene_list": Option("", "the reference gene order: panglao_10000.h5ad, or a text file with one symbol per "
                                 "line (default: panglao_10000.h5ad or gene_list*.txt in --model-dir)"),
@@ -153,7 +153,7 @@ class ScBERT(TorchBackbone):
         import torch
 
         positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        hidden = self.model(input_ids, positions, attention_mask)
+        hidden = self.model(input_ids, positions, attention_mask, None, self.key_max)
         return hidden[:, :len(self.genes)].float().mean(1)
 
     def dataset_params(self, source) -> dict:
@@ -168,4 +168,5 @@ class ScBERT(TorchBackbone):
                 "values": "normalize_total 1e4 over the reference genes, log2(1+x), float32 (scanpy 1.7.2)",
                 "binning": f"floor(min(x, {self.cap})); token 0 appended", "cells_filtered": "none (official "
                 "filter_cells(min_genes=200) not applied)", "pooling": POOLING,
-                "key_max": "per cell (= the official one-cell-per-batch predict.py)", "attention_precision": "fp32"}
+                **self.key_max_params("per cell (= the official one-cell-per-batch predict.py)"),
+                "attention_precision": "fp32"}
