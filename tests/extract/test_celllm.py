@@ -21,6 +21,7 @@ from official_performer import (CELLLM_CFG, CELLLM_CKPT, CELLLM_CONFIG, CELLLM_G
 
 torch = pytest.importorskip("torch")
 
+from scdrugmap.errors import UserError  # noqa: E402
 from scdrugmap.extract.backbones.celllm import CellLM, CellLMConfig, NonzeroGeneTokenizer  # noqa: E402
 from scdrugmap.extract.performer import GeneMatch, PerformerSizes  # noqa: E402
 from scdrugmap.store.store import Store  # noqa: E402
@@ -181,6 +182,66 @@ def test_extract_on_real_pc9_cells(cli, checkpoint, pc9_small, tmp_path):
     assert np.array_equal(Store.open(st).load("celllm")[0], X)
     cli.ok(*base, "--force", "--batch-size", "3")                  # batch-size invariant
     np.testing.assert_allclose(Store.open(st).load("celllm")[0].astype(np.float32), X.astype(np.float32), atol=5e-3)
+
+
+def test_key_max_batch_is_the_official_batched_run(checkpoint, pc9_small, genes):
+    """--option key_max=batch: one key maximum per batch of consecutive cells in store order (not
+    length-sorted), as the official DataLoader(batch_size=3, shuffle=False) run."""
+    source = Source(pc9_small)
+    model = CellLM(model_dir=checkpoint, batch_size=3, options={"key_max": "batch"})
+    tok = model.cell_tokenizer(source)
+    every = tok.lengths(tok.prepare(sp.csr_matrix(source.adata.X)))
+    short, long = np.flatnonzero(every <= MAX_LEN)[:3], np.flatnonzero(every == MAX_LEN + 1)[:3]
+    rows = np.array([short[0], long[0], short[1], long[1], short[2], long[2]])
+    X = sp.csr_matrix(source.adata.X)[rows]
+    lengths = tok.lengths(tok.prepare(X))
+    assert model.batches(lengths) == [[0, 1, 2], [3, 4, 5]]
+    default = CellLM(model_dir=checkpoint, batch_size=3).batches(lengths)             # length-sorted
+    assert [sorted(b) for b in default] == [[1, 3, 5], [0, 2, 4]]
+    ours = model.embed_block(X, tok)
+    state = load_state(checkpoint)
+    input_exp, gene_pos, mask = official_inputs(X.toarray(), source.symbols(), genes, MAX_LEN)
+    official = np.vstack([reference_forward(state, input_exp[b], gene_pos[b], heads=2, mask=mask[b])[:, 0].numpy()
+                          for b in (slice(0, 3), slice(3, 6))])
+    np.testing.assert_allclose(ours, official, rtol=1e-4, atol=1e-5)
+    # it changes the embeddings of cells that share a batch ...
+    per_cell = CellLM(model_dir=checkpoint, batch_size=3).embed_block(X, tok)
+    assert np.abs(ours - per_cell).max() > 1e-3
+    # ... and is the per-cell maximum for batches of one cell
+    alone = CellLM(model_dir=checkpoint, batch_size=1, options={"key_max": "batch"}).embed_block(X, tok)
+    assert np.array_equal(alone, CellLM(model_dir=checkpoint, batch_size=1).embed_block(X, tok))
+    np.testing.assert_allclose(alone, per_cell, rtol=1e-5, atol=1e-6)
+    # fine-tuning forms its own batches: refused there
+    with pytest.raises(UserError, match="key_max=batch is for extraction"):
+        model.finetune_cells(source, X)
+
+
+def test_extract_with_key_max_batch(cli, checkpoint, pc9_small, tmp_path):
+    st = tmp_path / "st"
+    cli.ok("ingest", pc9_small, "--store", st, "--dataset", "pc9", "--label-col", "response")
+    base = ("extract", "--store", st, "--backbone", "celllm", "--model-dir", checkpoint, "--quiet", "--dtype", "float32")
+    cli.ok(*base, "--batch-size", "4", "--chunk-rows", "20")
+    cell = Store.open(st).load("celllm")[0]
+    before = snapshot(st)
+    cli.fails(*base, "--force", "--option", "key_max=batch", "--batch-size", "3", "--chunk-rows", "20",
+              match="--chunk-rows 20 is not a multiple of --batch-size 3, so a batch would be split at a "
+                    "chunk's end; give --chunk-rows 18")
+    cli.fails(*base, "--force", "--option", "key_max=batches", match="key_max='batches': use one of cell, batch")
+    assert snapshot(st) == before
+    run = (*base, "--force", "--option", "key_max=batch", "--batch-size", "4", "--chunk-rows", "20")
+    cli.ok(*run)
+    X = Store.open(st).load("celllm")[0]
+    params = json.loads(Store.open(st).provenance("celllm").iloc[0]["params"])
+    assert params["key_max"].startswith("per batch") and "batch of 4 consecutive store cells" in params["key_max"]
+    assert params["batching"].startswith("store order: cells [0, 4), [4, 8)") and params["batch_size"] == 4
+    # two chunks of 20 rows: the batches are the dataset's [0, 4), [4, 8), ... as one block of 40 cells gives
+    source = Source(pc9_small)
+    model = CellLM(model_dir=checkpoint, batch_size=4, options={"key_max": "batch"})
+    direct = model.embed_block(sp.csr_matrix(source.adata.X), model.cell_tokenizer(source))
+    np.testing.assert_allclose(X, direct, rtol=1e-6, atol=1e-6)
+    assert np.abs(X - cell).max() > 1e-3                               # not the per-cell maximum
+    cli.ok(*run)                                                       # a rerun is byte-identical
+    assert Store.open(st).load("celllm")[0].tobytes() == X.tobytes()
 
 
 def test_files_named_by_options_and_the_configs_checkpoint(checkpoint, pc9_small, genes, tmp_path):

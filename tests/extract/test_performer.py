@@ -15,8 +15,8 @@ F = torch.nn.functional
 
 from scdrugmap.errors import UserError  # noqa: E402
 from scdrugmap.extract.performer import (PerformerSizes, build_performer, check_state,  # noqa: E402
-                                         default_nb_features, encode, fast_attention, load_state, read_checkpoint,
-                                         sizes_from_state)
+                                         default_nb_features, encode, fast_attention, feature_map, load_state,
+                                         read_checkpoint, sizes_from_state)
 
 
 def sizes_for(num_tokens, dim, depth, heads, pos_rows, dim_head=64) -> PerformerSizes:
@@ -155,3 +155,52 @@ def test_positional_table_is_float64_and_added_in_place():
     official = F.layer_norm((tok.double() + pos).float(), (16,), state["norm.weight"], state["norm.bias"])
     assert torch.equal(ours, official)                       # float32 += float64: computed in float64, rounded
     assert not torch.equal(tok + pos.float(), (tok.double() + pos).float())   # (a float32 add would differ)
+
+
+# ---- key_max=batch: the official batched kernel --------------------------------------------------
+def test_key_max_batch_is_one_maximum_over_the_whole_key_tensor():
+    q, k, v, P = qkv()
+    live = torch.ones(3, 9, dtype=torch.bool)
+    c = 16 ** -0.25
+    dash = torch.einsum("bhnd,md->bhnm", c * k, P)                 # from the raw tensors, float64
+    diag = (k ** 2).sum(-1, keepdim=True) * c ** 2 / 2
+    shared = 20 ** -0.5 * (torch.exp(dash - diag - dash.max()) + 1e-4)                         # torch.max(data_dash)
+    own = 20 ** -0.5 * (torch.exp(dash - diag - dash.amax(dim=(1, 2, 3), keepdim=True)) + 1e-4)
+    assert len(set(dash.amax(dim=(1, 2, 3)).tolist())) == 3          # the cells' own maxima differ
+    batch = feature_map(k.float(), P.float(), False, live, "batch")
+    np.testing.assert_allclose(batch.numpy(), shared.numpy(), rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(feature_map(k.float(), P.float(), False, live).numpy(), own.numpy(), rtol=1e-5,
+                               atol=1e-9)
+    # the attention is the official batched one, and differs from the per-cell one
+    ours = fast_attention(q.float(), k.float(), v.float(), P.float(), torch.ones(3, 9), "batch")
+    np.testing.assert_allclose(ours.numpy(), reference_attention(q, k, v, P).numpy(), rtol=1e-5, atol=1e-6)
+    per_cell = fast_attention(q.float(), k.float(), v.float(), P.float(), torch.ones(3, 9))
+    assert (ours - per_cell).abs().max().item() > 1e-3                # (the match above is to ~1e-6)
+    # a batch of one cell: the same numbers either way
+    for i in range(3):
+        one = [t[i:i + 1].float() for t in (q, k, v)]
+        assert torch.equal(fast_attention(*one, P.float(), torch.ones(1, 9), "batch"),
+                           fast_attention(*one, P.float(), torch.ones(1, 9), "cell"))
+
+
+def test_key_max_batch_leaves_weight_zero_positions_out():
+    q, k, v, P = qkv(b=2, n=5)
+    base = fast_attention(q.float(), k.float(), v.float(), P.float(), torch.ones(2, 5), "batch")
+    junk = lambda t, s: torch.cat([t, s * torch.ones_like(t[:, :, :3])], 2)
+    weights = torch.tensor([[1.0] * 5 + [0.0] * 3, [1.0] * 5 + [0.0] * 3])
+    padded = fast_attention(junk(q, 50).float(), junk(k, 50).float(), junk(v, 1e6).float(), P.float(), weights,
+                            "batch")
+    assert torch.isfinite(padded).all()
+    np.testing.assert_allclose(padded[:, :, :5].numpy(), base.numpy(), rtol=1e-6, atol=1e-7)
+
+
+def test_encoder_with_key_max_batch_is_the_official_batched_forward():
+    model, state = small_model()
+    tokens = torch.randint(0, 6, (4, 31), generator=torch.Generator().manual_seed(2))
+    positions = torch.arange(31).expand(4, -1)
+    with torch.inference_mode():
+        batch = encode(model, tokens, positions, torch.ones(4, 31), key_max="batch")
+        cell = encode(model, tokens, positions, torch.ones(4, 31))
+    official = reference_forward(state, tokens, positions, heads=2)          # one call = one official batch
+    np.testing.assert_allclose(batch.numpy(), official.numpy(), rtol=1e-4, atol=1e-5)
+    assert (batch - cell).abs().max().item() > 1e-3                  # (the match above is to ~1e-5)

@@ -136,6 +136,27 @@ def test_embedding_matches_the_official_forward_cell_by_cell(checkpoint, pc9_sma
     np.testing.assert_allclose(model.embed_block(X[order], tok), ours[order], rtol=1e-5, atol=1e-6)
 
 
+def test_key_max_batch_is_the_official_batched_run(checkpoint, pc9_small, genes):
+    """--option key_max=batch: finetune.py's batches of 3 (consecutive cells, one key maximum each)."""
+    source = Source(pc9_small)
+    model = ScBERT(model_dir=checkpoint, batch_size=3, options={"key_max": "batch"})
+    tok = model.cell_tokenizer(source)
+    X = sp.csr_matrix(source.adata.X)[:6]
+    ours = model.embed_block(X, tok)
+    ids = torch.from_numpy(tokens_by_hand(X.toarray(), source.symbols(), genes))
+    positions = torch.arange(ids.shape[1]).expand(6, -1)
+    state = load_state(checkpoint)
+    official = np.vstack([reference_forward(state, ids[b], positions[b], heads=2)[:, :-1].mean(1).numpy()
+                          for b in (slice(0, 3), slice(3, 6))])
+    np.testing.assert_allclose(ours, official, rtol=1e-4, atol=1e-5)
+    per_cell = ScBERT(model_dir=checkpoint, batch_size=3).embed_block(X, tok)
+    assert np.abs(ours - per_cell).max() > 5e-4                        # (the match above is to ~1e-6)
+    alone = ScBERT(model_dir=checkpoint, batch_size=1, options={"key_max": "batch"}).embed_block(X, tok)
+    assert np.array_equal(alone, ScBERT(model_dir=checkpoint, batch_size=1).embed_block(X, tok))
+    params = model.params()
+    assert params["key_max"].startswith("per batch") and params["batching"].startswith("store order: cells [0, 3)")
+
+
 def test_extract_on_real_pc9_cells(cli, checkpoint, pc9_small, genes, tmp_path):
     st = tmp_path / "st"
     cli.ok("ingest", pc9_small, "--store", st, "--dataset", "pc9", "--label-col", "response")
