@@ -35,15 +35,28 @@ the official ones so that the released ``model_state_dict`` loads unchanged:
 Deviations from the official code, each chosen so that a cell's embedding does not depend on the
 batch it lands in (tested):
 
-* **key maximum per cell**: the official key-side maximum is taken over the whole batch tensor, so
-  through the ``1e-4`` term a cell's output moves slightly with the other cells of its batch.
-  Here the maximum is taken over one cell's keys (all heads, positions and features), which is
-  exactly what the official code computes for a batch of one cell (scBERT's ``predict.py`` runs
-  one cell at a time). Against an official run with several cells per batch the difference is
-  the size of that eps effect: with the tests' random weights, on PC9 cells in official batches of
-  8 or 40, up to 0.13% of an embedding's L2 norm (largest coordinate change 0.002-0.003 for
-  coordinates up to about 3), for scBERT and cellLM alike (the tests assert it is nonzero and
-  below 1%). The size with the released weights is not measured here.
+* **key maximum per cell** (``--option key_max=cell``, the default): the official key-side
+  maximum is taken over the whole batch tensor (``torch.max(data_dash)`` in the copies vendored by
+  both releases; performer-pytorch 1.1.1 and later take it per cell and head instead), so through
+  the ``1e-4`` term a cell's output moves with the other cells of its batch. Here the maximum is
+  taken over one cell's keys (all heads, positions and features), which is exactly what the
+  official code computes for a batch of one cell (scBERT's ``predict.py`` runs one cell at a
+  time). ``--option key_max=batch`` gives the official batched computation instead, over batches
+  of consecutive store cells (:class:`PerformerBackbone`; tested against a plain-torch official
+  forward). How far the two differ was measured with ``benchmarks/key_max_bench.py`` (random
+  weights at the released shapes, real PC9 cells, fp32; 2-core Intel Xeon, torch 2.13 CPU), as
+  the change of ``key_max=batch`` from ``key_max=cell`` in % of the embedding's L2 norm, per cell
+  (min / median / max), and the centred cosine (each set centred by its mean over the cells):
+
+  * cellLM (512-d, 10 layers, ``max_seq_len`` 6,000; 32 cells, median 841 tokens): batch 4
+    0.12 / 0.45 / 0.89 %, batch 32 0.52 / 0.94 / 1.52 %; centred cosine at least 0.998 (largest
+    coordinate change 0.031 and 0.053, coordinates up to 3.7);
+  * scBERT (200-d, 6 layers, 16,907 tokens; 8 cells): batch 4 0.00 / 0.03 / 0.11 %, batch 8
+    0.00 / 0.04 / 0.12 %; centred cosine at least 0.9999.
+
+  So for cellLM a batched official run differs from ``key_max=cell`` by about 0.5% (batch 4) to
+  1% (batch 32) of the norm in the median, an order of magnitude more than for scBERT. The size
+  with the released weights is not measured here.
 * **key weights**: each position carries a key weight ``w_j``: sums over keys are
   ``sum_j w_j f(k_j)`` and ``sum_j w_j f(k_j) v_j``, and positions with ``w_j = 0`` (the engine's
   right padding) are left out of the key maximum. With ``w_j = 1`` this is the official formula;

@@ -45,8 +45,13 @@ Written from the official code (github.com/PharMolix/OpenBioMed:
   PAD position with key weight ``max_seq_len - L`` (:mod:`..performer`) instead of
   ``max_seq_len - L`` copies: the same sums, at the cost of the cell's own length (with the
   release's sizes a cell of 1,400 genes took about 2.5 s on one CPU core, random weights).
-* **attention**: the key maximum per cell (official: per batch tensor; equal for one cell per
-  batch), see :mod:`..performer`.
+* **attention**: by default the key maximum per cell (official: per batch tensor; equal for one
+  cell per batch), so an embedding does not depend on its batch. ``--option key_max=batch`` is
+  the official batched computation: one maximum over each batch of ``--batch-size`` consecutive
+  store cells, the batches of an official run over the dataset in order (``ctc.py`` evaluates
+  with ``DataLoader(batch_size=3 by default, shuffle=False)``; its training script passes 32).
+  Each cell's PAD key (standing for the official padding, whose keys count) is in that maximum;
+  the engine's own right padding is not. How far it moves embeddings: :mod:`..performer`.
 * **embedding**: OpenBioMed defines no cell embedding from the pretrained encoder (its CTC head
   scatters a per-gene conv scalar into a 19,380-vector and trains an MLP; not in the checkpoint).
   Ours: the output at the CLS position after the final ``norm`` (``return_encodings=True``,

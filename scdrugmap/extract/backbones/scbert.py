@@ -38,7 +38,9 @@ shared :mod:`scdrugmap.extract.performer`. Each choice and its official source:
 * **attention**: the official key-side maximum of the softmax kernel runs over the whole batch
   tensor, so a batched official run makes a cell depend slightly on its batch. ``predict.py``
   runs one cell per batch; here the maximum is taken per cell, which equals that one-cell run
-  exactly for any batch size (see :mod:`..performer`). Every cell has the same length, so the
+  exactly for any batch size (see :mod:`..performer`). ``--option key_max=batch`` is the
+  official batched computation (``finetune.py``'s batches, 3 cells by default): one maximum over
+  each batch of ``--batch-size`` consecutive store cells. Every cell has the same length, so the
   engine adds no padding.
 * **batch size**: 4 cells by default (16,907 tokens x 10 heads x 266 features is ~180 MB of
   float32 per cell and feature map). Cost: every cell is 16,907 tokens whatever its genes; with
