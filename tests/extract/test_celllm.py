@@ -219,7 +219,8 @@ def test_key_max_batch_is_the_official_batched_run(checkpoint, pc9_small, genes)
 def test_extract_with_key_max_batch(cli, checkpoint, pc9_small, tmp_path):
     st = tmp_path / "st"
     cli.ok("ingest", pc9_small, "--store", st, "--dataset", "pc9", "--label-col", "response")
-    base = ("extract", "--store", st, "--backbone", "celllm", "--model-dir", checkpoint, "--quiet", "--dtype", "float32")
+    base = ("extract", "--store", st, "--backbone", "celllm", "--model-dir", checkpoint, "--quiet",
+            "--dtype", "float32")
     cli.ok(*base, "--batch-size", "4", "--chunk-rows", "20")
     cell = Store.open(st).load("celllm")[0]
     before = snapshot(st)
