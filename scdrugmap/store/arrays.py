@@ -353,6 +353,13 @@ def _chunk_bytes(array, folder: Path, stats, c: int, rel: str, into: np.ndarray 
     if len(raw) < 4 or google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
         raise ChunkError(rel, c, rows, "damaged (its CRC-32C checksum does not match)")
     size = chunk * array.shape[1] * array.dtype.itemsize
+    # Blosc's 16-byte header: uncompressed size at bytes 4-7, compressed size at 12-15 (little-endian).
+    # A chunk must decode to exactly one chunk of this array, or the array's metadata is damaged.
+    body = len(raw) - 4
+    if body < 16 or int.from_bytes(raw[12:16], "little") != body or int.from_bytes(raw[4:8], "little") != size:
+        found = int.from_bytes(raw[4:8], "little") if body >= 16 else 0
+        raise ChunkError(rel, c, rows, f"damaged (it holds {found:,} bytes where the array's zarr.json makes a chunk "
+                                       f"{size:,})")
     if into is not None:
         buf = into.reshape(-1).view(np.uint8)
     else:

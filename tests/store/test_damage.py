@@ -92,6 +92,28 @@ def test_damaged_metadata_and_missing_array(cli, store_copy):
     cli.fails("probe", "--store", st, "--backbone", "pca", "--quiet", match=f"embedding array {rel} of backbone")
 
 
+@pytest.mark.parametrize("rows", [41, 48, 60, 39])
+def test_a_wrong_chunk_height_in_zarr_json_is_named_not_read(cli, store_copy, tmp_path, rows):
+    """One bit can turn "chunk_shape": [40, 50] into [48, 50] and leave valid metadata: export and
+    probe must name the array, never return rows decoded with the wrong height."""
+    st = store_copy()
+    rel, root = _array(st, "SimData9")
+    meta = json.loads((root / "zarr.json").read_text())
+    meta["chunk_grid"]["configuration"]["chunk_shape"][0] = rows
+    (root / "zarr.json").write_text(json.dumps(meta))
+    before = snapshot(st)
+    for args in (("export", "--store", st, "--backbone", "pca", "--where", "dataset = 'SimData9'", "--to",
+                  tmp_path / "x.parquet"), ("probe", "--store", st, "--backbone", "pca", "--quiet")):
+        cli.fails(*args, match=f"embedding array {rel}")
+    assert not (tmp_path / "x.parquet").exists() and snapshot(st) == before
+    # the reader alone (no index to compare with) refuses chunks that decode to another size
+    from zarr.storage import LocalStore
+
+    array = arrays.open_counted(LocalStore(str(st / "embeddings.zarr")), arrays.IOStats(), rel)
+    with pytest.raises(arrays.ChunkError, match="zarr.json makes a chunk"):
+        arrays.read_rows(array, np.arange(array.shape[0]), rel=rel)
+
+
 @pytest.mark.parametrize("offset", [0, 4096, 8192, 12300, -5000])
 def test_damaged_index_is_one_line(cli, store_copy, offset):
     st = store_copy()
