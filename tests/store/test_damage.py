@@ -1,6 +1,7 @@
 """Damaged stores: a flipped byte in a chunk, a missing chunk or array, a damaged zarr.json or
 index.duckdb is a one-line error naming what is damaged, never a silent wrong value; and
-'store verify DIR' finds all of it on a store that was never packed."""
+'store verify DIR' finds it on a store that was never packed (a zarr.json edit that changes
+nothing a reader uses, such as a key's case, has no checksum to catch it outside a pack)."""
 
 from __future__ import annotations
 
