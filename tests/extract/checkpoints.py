@@ -70,6 +70,43 @@ def write_pc9_small(path: Path, per_class: int = 60) -> Path:
     return path
 
 
+def write_pc9_every(folder: Path, step: int = 48, start: int = 10):
+    """PC9 cells ``start``, ``start + step``, ... (both classes) written to ``folder``:
+    ``(path, AnnData)``."""
+    if not PC9.exists():
+        _missing("PC9 data (data/pc9_erlotinib.h5ad)")
+    a = ad.read_h5ad(PC9)
+    cells = a[np.arange(start, a.n_obs, step)].copy()
+    path = Path(folder) / f"pc9_{cells.n_obs}.h5ad"
+    cells.write_h5ad(path)
+    return path, cells
+
+
+def cli_embeddings(cli, h5ad: Path, store: Path, backbone: str, model_dir: Path, *options: str):
+    """Ingest ``h5ad`` as dataset pc9 and extract ``backbone`` through the CLI in float32:
+    ``(embeddings, cells)`` as the store gives them back."""
+    from scdrugmap.store.store import Store
+
+    cli.ok("ingest", h5ad, "--store", store, "--dataset", "pc9", "--label-col", "response")
+    cli.ok("extract", "--store", store, "--backbone", backbone, "--model-dir", model_dir, "--dtype", "float32",
+           "--quiet", *options)
+    return Store.open(store).load(backbone, dtype=np.float32)
+
+
+def torchrun_extract(store: Path, *args: str, nproc: int = 2):
+    """``scdrugmap extract --store store *args`` under ``torch.distributed.run`` with ``nproc``
+    CPU processes (one thread each): the completed process."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    scdrugmap = Path(sys.executable).parent / "scdrugmap"
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                           str(nproc), "--no-python", str(scdrugmap), "extract", "--store", str(store), *args],
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
 TGPT_ASSETS = SHARED / "backbone_assets" / "tgpt"
 
 
@@ -159,3 +196,12 @@ class H5adSource:
 
     def obs_column(self, name: str):
         return self.adata.obs[name] if name in self.adata.obs.columns else None
+
+
+def centred_cosines(a, b):
+    """Per-row cosine of two embedding sets, each centred on its own mean over the rows: what the
+    official-parity tests compare (a shared offset cannot hide a difference between cells)."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    a, b = a - a.mean(0), b - b.mean(0)
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))

@@ -228,7 +228,6 @@ def reference_attention(q, k, v, projection):
 def reference_forward(state: dict, tokens, positions, heads: int, mask=None):
     """``PerformerLM.forward(return_encodings=True)`` from the raw state dict: one call is one
     official batch (so the key maximum spans all its cells). ``mask`` zeroes v only (cellLM)."""
-    import torch
     import torch.nn.functional as F
 
     s = {k: v.double() for k, v in state.items()}
@@ -248,3 +247,32 @@ def reference_forward(state: dict, tokens, positions, heads: int, mask=None):
         f = F.gelu(f @ s[p + "1.fn.fn.w1.weight"].T + s[p + "1.fn.fn.w1.bias"])
         x = x + f @ s[p + "1.fn.fn.w2.weight"].T + s[p + "1.fn.fn.w2.bias"]
     return F.layer_norm(x, (dim,), s["norm.weight"], s["norm.bias"])
+
+
+# The official forward's kernel (performer_pytorch.softmax_kernel as vendored by scBERT and by
+# OpenBioMed's cellLM), restated for the parity tests of both.
+def favor(t, projection, query: bool):
+    """softmax_kernel: positive random features of t (b, h, n, d) with the stored projection (m, d)."""
+    import torch
+
+    scale = t.shape[-1] ** -0.25
+    dash = torch.matmul(scale * t, projection.T)
+    half_sq = (t * t).sum(-1, keepdim=True) * scale ** 2 / 2
+    top = dash.max(-1, keepdim=True).values if query else dash.max()   # keys: one maximum over the tensor
+    return (torch.exp(dash - half_sq - top) + 1e-4) / projection.shape[0] ** 0.5
+
+
+def scbert_gene_fill(X, var_names, genes: list) -> np.ndarray:
+    """scBERT's preprocess.py gene filling: one float32 column per gene of ``genes``, the counts of
+    the first source column of that name (``obj.index(ref[i])``), zeros for genes not in the source."""
+    import scipy.sparse as sp
+
+    first = {}
+    for c, name in enumerate(var_names):
+        first.setdefault(str(name), c)
+    dense = np.asarray(X.todense() if sp.issparse(X) else X)
+    counts = np.zeros((dense.shape[0], len(genes)), dtype=np.float32)
+    for i, gene in enumerate(genes):
+        if gene in first:
+            counts[:, i] = dense[:, first[gene]]
+    return counts

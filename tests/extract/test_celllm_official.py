@@ -40,17 +40,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import anndata as ad
 import numpy as np
 import pytest
-import scipy.sparse as sp
 
-from checkpoints import PC9, _missing
-from official_performer import CELLLM_CFG, pc9_gene_order, save_celllm
+from checkpoints import centred_cosines, cli_embeddings, write_pc9_every
+from official_performer import CELLLM_CFG, favor, pc9_gene_order, save_celllm, scbert_gene_fill
 
 torch = pytest.importorskip("torch")
 
-from scdrugmap.store.store import Store  # noqa: E402
 
 F = torch.nn.functional
 
@@ -58,14 +55,7 @@ F = torch.nn.functional
 # -- the official path, re-stated ----------------------------------------------------------
 def prepared_values(X, var_names, genes: list) -> np.ndarray:
     """scBERT's preprocess.py over the model's genes (filter_cells left out), float32."""
-    first = {}
-    for c, name in enumerate(var_names):
-        first.setdefault(str(name), c)
-    dense = np.asarray(X.todense() if sp.issparse(X) else X)
-    counts = np.zeros((dense.shape[0], len(genes)), dtype=np.float32)
-    for i, gene in enumerate(genes):
-        if gene in first:
-            counts[:, i] = dense[:, first[gene]]
+    counts = scbert_gene_fill(X, var_names, genes)
     totals = counts.sum(1, dtype=np.float32)
     totals = (totals + (totals == 0)) / np.float32(1e4)
     counts = counts * (np.float32(1) / totals)[:, None]
@@ -88,15 +78,6 @@ def celllm_inputs(batch, structure: dict):
         n = min(len(seq), max_len)
         tokens[i, :n], rows[i, :n], mask[i, :n] = seq[:n], at[:n], True
     return tokens, rows, mask
-
-
-def favor(t, projection, query: bool):
-    """softmax_kernel: positive random features of t (b, h, n, d) with the stored projection (m, d)."""
-    scale = t.shape[-1] ** -0.25
-    dash = torch.matmul(scale * t, projection.T)
-    half_sq = (t * t).sum(-1, keepdim=True) * scale ** 2 / 2
-    top = dash.max(-1, keepdim=True).values if query else dash.max()   # keys: one maximum over the tensor
-    return (torch.exp(dash - half_sq - top) + 1e-4) / projection.shape[0] ** 0.5
 
 
 def celllm_encodings(w: dict, tokens, rows, mask):
@@ -138,22 +119,11 @@ def official_embed(model_dir: Path, X, var_names):
     return torch.cat(out).numpy(), np.array(lengths)
 
 
-def centred_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a, b = a - a.mean(0), b - b.mean(0)
-    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-
-
 # -- the test --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def pc9_cells(tmp_path_factory):
     """Every 48th PC9 cell from the 11th: 32 cells of both classes."""
-    if not PC9.exists():
-        _missing("PC9 data (data/pc9_erlotinib.h5ad)")
-    a = ad.read_h5ad(PC9)
-    cells = a[np.arange(10, a.n_obs, 48)].copy()
-    path = tmp_path_factory.mktemp("data") / "pc9_32.h5ad"
-    cells.write_h5ad(path)
-    return path, cells
+    return write_pc9_every(tmp_path_factory.mktemp("data"))
 
 
 # the real config (cellLM_ctc.json) with small sizes: 370 genes in 128 positions (25 to 195 nonzero
@@ -166,11 +136,7 @@ def test_cli_embeddings_equal_the_official_path(cli, pc9_cells, tmp_path, case):
     order, max_seq_len = CASES[case]
     release = save_celllm(tmp_path / "release", pc9_gene_order(**order), max_seq_len=max_seq_len)
     path, cells = pc9_cells
-    st = tmp_path / "st"
-    cli.ok("ingest", path, "--store", st, "--dataset", "pc9", "--label-col", "response")
-    cli.ok("extract", "--store", st, "--backbone", "celllm", "--model-dir", release, "--batch-size", "4",
-           "--dtype", "float32", "--quiet")
-    ours, frame = Store.open(st).load("celllm", dtype=np.float32)
+    ours, frame = cli_embeddings(cli, path, tmp_path / "st", "celllm", release, "--batch-size", "4")
     assert frame["row"].tolist() == list(range(cells.n_obs)) and np.isfinite(ours).all()
     theirs, lengths = official_embed(release, cells.X, cells.var_names)
     assert ours.shape == theirs.shape == (cells.n_obs, 32)

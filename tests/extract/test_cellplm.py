@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pickle
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,7 +16,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from checkpoints import H5adSource, write_pc9_small
+from checkpoints import H5adSource, torchrun_extract, write_pc9_small
 from conftest import SHARED, snapshot
 from official_cellplm import RELEASE, SMALL, release_config, save_cellplm
 
@@ -472,12 +470,7 @@ def test_two_processes_under_torchrun_give_the_same_groups(cli, checkpoint, pc9_
     for name in ("one", "two"):
         cli.ok("ingest", pc9_small, "--store", tmp_path / name, "--dataset", "pc9", "--label-col", "response")
     cli.ok("extract", "--store", tmp_path / "one", *args)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["OMP_NUM_THREADS"] = "1"
-    scdrugmap = Path(sys.executable).parent / "scdrugmap"
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "--no-python", str(scdrugmap), "extract", "--store", str(tmp_path / "two"), *args,
-                          "--chunk-rows", "7"], env=env, capture_output=True, text=True, timeout=300)
+    run = torchrun_extract(tmp_path / "two", *args, "--chunk-rows", "7")
     assert run.returncode == 0, run.stderr[-3000:]
     assert "rank 1 of 2: cellplm · pc9: computed 3 chunks" in run.stderr
     one, two = Store.open(tmp_path / "one"), Store.open(tmp_path / "two")

@@ -48,7 +48,7 @@ import anndata as ad
 import numpy as np
 import pytest
 
-from checkpoints import write_pc9_small
+from checkpoints import centred_cosines, write_pc9_small
 from conftest import SHARED
 from official_cellplm import RELEASE, save_cellplm
 
@@ -207,11 +207,6 @@ def official_predict(h5ad, folder, batch_size, use_batch=True, generator=None):
     back = torch.empty_like(order)
     back[order] = torch.arange(len(order))                                 # order.scatter_(0, order, arange)
     return torch.cat(preds)[back].numpy(), [o.tolist() for o in orders], len(gene_list)
-
-
-def centred_cosines(a, b):
-    a, b = a - a.mean(0), b - b.mean(0)
-    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
 # ---- tests ----------------------------------------------------------------------------------------

@@ -94,7 +94,6 @@ def test_extract_on_real_pc9_cells(cli, checkpoint, pc9_small, tmp_path):
 def test_embedding_matches_manual_forward_and_ignores_batch(checkpoint, pc9_small):
     """The engine's pooled vector equals a direct forward of the same tokens, alone or in a batch."""
     from scdrugmap.extract.backbones.geneformer import Geneformer
-    from scdrugmap.store import source as src
 
     model = Geneformer(model_dir=checkpoint, batch_size=8)
     a = ad.read_h5ad(pc9_small)

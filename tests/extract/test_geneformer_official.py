@@ -36,7 +36,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from checkpoints import save_geneformer, write_pc9_small
+from checkpoints import centred_cosines, save_geneformer, write_pc9_small
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -44,12 +44,6 @@ transformers = pytest.importorskip("transformers")
 from scdrugmap.store.store import Store  # noqa: E402
 
 SMALL = {"hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 2, "intermediate_size": 64}
-
-
-def centred_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a - a.mean(0)
-    b = b - b.mean(0)
-    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
 # -- the official tokenizer, re-stated ---------------------------------------------------------

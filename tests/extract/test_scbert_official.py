@@ -40,14 +40,12 @@ from __future__ import annotations
 import anndata as ad
 import numpy as np
 import pytest
-import scipy.sparse as sp
 
-from checkpoints import PC9, _missing
-from official_performer import SCBERT_CKPT, SCBERT_GENES, pc9_gene_order, save_scbert
+from checkpoints import centred_cosines, cli_embeddings, write_pc9_every
+from official_performer import SCBERT_CKPT, SCBERT_GENES, favor, pc9_gene_order, save_scbert, scbert_gene_fill
 
 torch = pytest.importorskip("torch")
 
-from scdrugmap.store.store import Store  # noqa: E402
 
 F = torch.nn.functional
 
@@ -55,14 +53,7 @@ F = torch.nn.functional
 # -- the official path, re-stated ----------------------------------------------------------
 def official_preprocess(X, var_names, reference: list):
     """preprocess.py: (log2-normalised float32 matrix of the kept cells, kept-cell mask)."""
-    first = {}
-    for c, name in enumerate(var_names):                        # obj.index(ref[i]): the first column
-        first.setdefault(str(name), c)
-    dense = np.asarray(X.todense() if sp.issparse(X) else X)
-    counts = np.zeros((dense.shape[0], len(reference)), dtype=np.float32)
-    for i, gene in enumerate(reference):
-        if gene in first:
-            counts[:, i] = dense[:, first[gene]]
+    counts = scbert_gene_fill(X, var_names, reference)          # obj.index(ref[i]): the first column
     kept = (counts > 0).sum(1) >= 200                             # filter_cells(min_genes=200)
     counts = counts[kept]
     totals = counts.sum(1, dtype=np.float32)                      # normalize_total(target_sum=1e4)
@@ -79,15 +70,6 @@ def predict_input(row: np.ndarray, num_tokens: int):
     seq[seq > num_tokens - 2] = num_tokens - 2
     seq = torch.from_numpy(seq).long()
     return torch.cat([seq, torch.zeros(1, dtype=torch.long)])[None]
-
-
-def favor(t, projection, query: bool):
-    """softmax_kernel: positive random features of t (b, h, n, d) with the stored projection (m, d)."""
-    scale = t.shape[-1] ** -0.25
-    dash = torch.matmul(scale * t, projection.T)
-    half_sq = (t * t).sum(-1, keepdim=True) * scale ** 2 / 2
-    top = dash.max(-1, keepdim=True).values if query else dash.max()   # keys: one maximum over the tensor
-    return (torch.exp(dash - half_sq - top) + 1e-4) / projection.shape[0] ** 0.5
 
 
 def performer_encodings(state: dict, tokens):
@@ -131,11 +113,6 @@ def official_embed(model_dir, X, var_names):
     return torch.cat(out).numpy(), kept, np.array(tokens)
 
 
-def centred_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a, b = a - a.mean(0), b - b.mean(0)
-    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-
-
 # -- the test --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def release(tmp_path_factory):
@@ -149,22 +126,12 @@ def release(tmp_path_factory):
 def pc9_cells(tmp_path_factory):
     """Every 48th PC9 cell from the 11th: 32 cells of both classes, 113 to 1,360 reference genes
     expressed (two below the official filter's 200)."""
-    if not PC9.exists():
-        _missing("PC9 data (data/pc9_erlotinib.h5ad)")
-    a = ad.read_h5ad(PC9)
-    cells = a[np.arange(10, a.n_obs, 48)].copy()
-    path = tmp_path_factory.mktemp("data") / "pc9_32.h5ad"
-    cells.write_h5ad(path)
-    return path, cells
+    return write_pc9_every(tmp_path_factory.mktemp("data"))
 
 
 def test_cli_embeddings_equal_the_official_path(cli, release, pc9_cells, tmp_path):
     path, cells = pc9_cells
-    st = tmp_path / "st"
-    cli.ok("ingest", path, "--store", st, "--dataset", "pc9", "--label-col", "response")
-    cli.ok("extract", "--store", st, "--backbone", "scbert", "--model-dir", release, "--batch-size", "4",
-           "--dtype", "float32", "--quiet")
-    ours, frame = Store.open(st).load("scbert", dtype=np.float32)
+    ours, frame = cli_embeddings(cli, path, tmp_path / "st", "scbert", release, "--batch-size", "4")
     assert frame["row"].tolist() == list(range(cells.n_obs)) and np.isfinite(ours).all()
     theirs, kept, tokens = official_embed(release, cells.X, cells.var_names)
     # the official filter drops two cells (113 and 175 genes); scdrugmap embeds them too

@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from checkpoints import PC9, _missing
+from checkpoints import PC9, _missing, centred_cosines
 from official_scfoundation import GENE_INDEX, save_scfoundation
 
 torch = pytest.importorskip("torch")
@@ -134,11 +134,6 @@ def official_embed(model_dir, X, symbols, tgthighres: str = "t4", pool_type: str
             else:
                 out.append(h.max(1).values)
     return torch.cat(out).numpy()
-
-
-def centred_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a, b = a - a.mean(0), b - b.mean(0)
-    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
 # -- the test --------------------------------------------------------------------------------

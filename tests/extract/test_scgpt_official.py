@@ -42,7 +42,7 @@ import anndata as ad
 import numpy as np
 import pytest
 
-from checkpoints import write_pc9_small
+from checkpoints import centred_cosines, write_pc9_small
 from official_scgpt import save_official_scgpt
 
 torch = pytest.importorskip("torch")
@@ -182,11 +182,6 @@ def scdrugmap_draws(X, symbols, vocab_path, seed: int = 0, dataset: str = DATASE
         return rng.random, lambda n: torch.from_numpy(rng.permutation(n))
 
     return draws
-
-
-def centred_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a, b = a - a.mean(0), b - b.mean(0)
-    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
 # -- the test --------------------------------------------------------------------------------

@@ -35,18 +35,12 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from checkpoints import save_tgpt, write_pc9_small
+from checkpoints import centred_cosines, save_tgpt, write_pc9_small
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from scdrugmap.store.store import Store  # noqa: E402
-
-
-def centred_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a - a.mean(0)
-    b = b - b.mean(0)
-    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
 def ranked_lines(adata: ad.AnnData, vocab: dict) -> list[str]:

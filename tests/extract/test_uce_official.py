@@ -65,7 +65,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from checkpoints import H5adSource, write_pc9_small
+from checkpoints import H5adSource, centred_cosines, write_pc9_small
 from official_uce import HUMAN_PE, write_model_files
 
 torch = pytest.importorskip("torch")
@@ -224,11 +224,6 @@ def official_embeddings(folder, sentences):
     s = {k: v.float() for k, v in state.items() if k != "pe_embedding.weight"}
     with torch.no_grad():
         return torch.stack([official_embedding(s, table, sent) for sent in sentences]).numpy()
-
-
-def centred_cosines(a, b):
-    a, b = a - a.mean(0), b - b.mean(0)
-    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
 class UpperSource(H5adSource):

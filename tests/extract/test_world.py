@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -18,7 +13,7 @@ from scdrugmap.store.store import Store
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from checkpoints import save_geneformer, write_pc9_small  # noqa: E402
+from checkpoints import save_geneformer, torchrun_extract, write_pc9_small  # noqa: E402
 
 
 @pytest.mark.parametrize("size, n", [(1, 5), (2, 8), (3, 7), (4, 2), (8, 3)])
@@ -56,12 +51,7 @@ def test_two_processes_under_torchrun_match_one_process(cli, tmp_path):
         cli.ok("ingest", data, "--store", tmp_path / name, "--dataset", "pc9", "--label-col", "response")
     cli.ok("extract", "--store", tmp_path / "one", *args)
 
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["OMP_NUM_THREADS"] = "1"
-    scdrugmap = Path(sys.executable).parent / "scdrugmap"
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "--no-python", str(scdrugmap), "extract", "--store", str(tmp_path / "two"), *args],
-                         env=env, capture_output=True, text=True, timeout=300)
+    run = torchrun_extract(tmp_path / "two", *args)
     assert run.returncode == 0, run.stderr[-3000:]
     # 80 cells in 8 chunks of 10: each rank computed its own half, rank 0 committed
     assert "rank 1 of 2: geneformer · pc9: computed 4 chunks" in run.stderr
@@ -78,9 +68,7 @@ def test_two_processes_under_torchrun_match_one_process(cli, tmp_path):
 
     # a rerun under torchrun skips the committed dataset and leaves the store as it was
     before = snapshot(tmp_path / "two")
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "--no-python", str(scdrugmap), "extract", "--store", str(tmp_path / "two"), *args],
-                         env=env, capture_output=True, text=True, timeout=300)
+    run = torchrun_extract(tmp_path / "two", *args)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("already extracted") == 1
     assert snapshot(tmp_path / "two") == before
