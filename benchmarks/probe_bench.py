@@ -203,6 +203,8 @@ def main():
     if args.floor:
         floor(store, backbones, heads, args.jobs)
     if args.skip_grid:
+        if args.scaling:
+            scaling(store, backbones, heads, args.jobs)
         return
     runs, wall = new_grid(store, backbones, heads, args.jobs)
     rows = rows_of(runs)
