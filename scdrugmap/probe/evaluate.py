@@ -184,11 +184,16 @@ def evaluate_heads(
 
         outputs = Parallel(n_jobs=n_jobs, return_as="generator_unordered")(
             delayed(task)(i, split) for i, split in enumerate(splits))
-    for i, records in outputs:
-        for head, record in zip(heads, records):
-            out[head][i] = record
-            if progress is not None:
-                progress(head, i, record)
+    with warnings.catch_warnings():
+        # loky restarts a worker whose memory grew between tasks (its leak guard), and says so; a
+        # worker here keeps its split buffers on purpose, and a restarted one only makes them again
+        warnings.filterwarnings("ignore", message="A worker stopped while some jobs were given",
+                                category=UserWarning)
+        for i, records in outputs:
+            for head, record in zip(heads, records):
+                out[head][i] = record
+                if progress is not None:
+                    progress(head, i, record)
     return out
 
 
