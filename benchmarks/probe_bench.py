@@ -160,7 +160,7 @@ def floor(store, backbones, heads, cores: int):
         order = np.random.default_rng(0).permutation(len(y))
         train, test = np.sort(order[: int(0.8 * len(y))]), np.sort(order[int(0.8 * len(y)):])
         data = CohortData(X, y)
-        z_train, _, _, _ = data.standardized(train, test)
+        z_train, _ = data.standardized(train, test)
         for head in heads:
             estimator = make_head(head, 0, 1)
             with threadpool_limits(limits=1):

@@ -76,7 +76,7 @@ def _fit_predict(data: CohortData, split: Split, head: str, seed: int, params: d
     estimator = make_head(head, seed, n_threads, **params)
     y_train = data.y[split.train_idx]
     if _standard_pipeline(estimator):
-        z_train, z_test, _, _ = data.standardized(split.train_idx, split.test_idx)
+        z_train, z_test = data.standardized(split.train_idx, split.test_idx)
         final = estimator.steps[-1][1]
         start = time.perf_counter()
         final.fit(z_train, y_train)
@@ -132,7 +132,7 @@ def _split_heads(data: CohortData, split: Split, heads: Sequence[str], seed: int
 
 
 # a worker process keeps the cohort of the memory-mapped X it last saw (its standardisation
-# buffers and LightGBM bins) for the next split of the same grid
+# buffers) for the next split of the same grid
 _WORKER_DATA: dict = {}
 
 

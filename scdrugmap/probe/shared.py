@@ -36,14 +36,14 @@ class CohortData:
 
     # ---- standardisation ---------------------------------------------------------------
     def standardized(self, train_idx: np.ndarray, test_idx: np.ndarray):
-        """``(Z_train, Z_test, mean, scale)``: the split's rows standardised by the training rows'
-        statistics, as ``StandardScaler().fit(X[train]).transform(...)`` gives them."""
+        """``(Z_train, Z_test)``: the split's rows standardised by the training rows' statistics, as
+        ``StandardScaler().fit(X[train]).transform(...)`` gives them."""
         key = (id(train_idx), id(test_idx), len(train_idx), len(test_idx))
         if self._split_key != key:
             mean, scale = (v.astype(self.X.dtype) for v in _mean_scale(self.X, train_idx))
             z_train = self._standardize_rows(train_idx, mean, scale, "train")
             z_test = self._standardize_rows(test_idx, mean, scale, "test")
-            self._standard, self._split_key = (z_train, z_test, mean, scale), key
+            self._standard, self._split_key = (z_train, z_test), key
         return self._standard
 
     def _buffer(self, name: str, rows: int) -> np.ndarray:
