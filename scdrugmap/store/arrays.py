@@ -427,6 +427,17 @@ def _run(tasks: list) -> None:
             raise error
 
 
+def layout_mismatch(array, row) -> tuple[tuple, tuple] | None:
+    """``(found, expected)`` (shape, dtype, chunk rows) when ``array`` is not laid out as its
+    provenance ``row`` says, else None: a damaged or foreign ``zarr.json`` read as it stands
+    would decode chunks with the wrong shape."""
+    chunk_rows = row.get("chunk_rows")
+    expected = ((int(row["n_cells"]), int(row["dim"])), str(row["dtype"]),
+                int(chunk_rows) if chunk_rows is not None and chunk_rows == chunk_rows else int(array.chunks[0]))
+    found = (tuple(array.shape), str(array.dtype), int(array.chunks[0]))
+    return None if found == expected else (found, expected)
+
+
 def check_array(array, rel: str) -> list[str]:
     """Every chunk of ``array`` read and checked (checksums where it has them); the problems found."""
     problems = []

@@ -84,9 +84,9 @@ def _check_arrays(store: Store, report: StoreCheck) -> None:
         except UserError as e:
             report.problems.append(str(e).split(": re-extract")[0])
             continue
-        expected = ((int(row["n_cells"]), int(row["dim"])), row["dtype"], int(row["chunk_rows"]))
-        found = (tuple(arr.shape), str(arr.dtype), int(arr.chunks[0]))
-        if found != expected:
+        mismatch = arrays.layout_mismatch(arr, row)
+        if mismatch:
+            found, expected = mismatch
             report.problems.append(f"{EMBEDDINGS}/{rel} ({where}): shape, dtype and chunks {found} where the index "
                                    f"says {expected}")
             continue

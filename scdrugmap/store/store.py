@@ -453,12 +453,12 @@ class Store:
             row = prov.loc[dataset]
             rel = row["array_path"]
             arr = self.open_array(rel)
-            expected = (int(row["n_cells"]), int(row["dim"]))
-            chunked = int(row["chunk_rows"]) if pd.notna(row.get("chunk_rows")) else arr.chunks[0]
-            if tuple(arr.shape) != expected or str(arr.dtype) != row["dtype"] or arr.chunks[0] != chunked:
-                raise UserError(f"embedding array {rel} is {arr.shape} {arr.dtype} in chunks of {arr.chunks[0]} rows "
-                                f"where the index says {expected} {row['dtype']} in chunks of {chunked}: its zarr.json "
-                                "is damaged; re-extract it (--force), or restore the store from its pack")
+            mismatch = arrays.layout_mismatch(arr, row)
+            if mismatch:
+                (shape, dtype, chunked), (want_shape, want_dtype, want_chunked) = mismatch
+                raise UserError(f"embedding array {rel} is {shape} {dtype} in chunks of {chunked} rows where the index "
+                                f"says {want_shape} {want_dtype} in chunks of {want_chunked}: its zarr.json is damaged; "
+                                "re-extract it (--force), or restore the store from its pack")
             jobs.append((arr, rows[lo:hi], X[lo:hi], rel))
         # every chunk of every dataset is one task of the reader threads; each fills its own rows
         arrays.read_rows_many(jobs)
