@@ -43,8 +43,21 @@ def _v1_to_v2(con) -> None:
         con.execute("ALTER TABLE provenance ALTER COLUMN origin SET NOT NULL")
 
 
+# Version 3 is made of independent steps, one per feature that changed the index; each step is
+# idempotent (it checks before it alters), so a store part-way between them still migrates.
+# Define a step above this list and add it as (description, function).
+V3_STEPS: list[tuple[str, Callable[[duckdb.DuckDBPyConnection], None]]] = [
+]
+
+
+def _v2_to_v3(con) -> None:
+    for _, step in V3_STEPS:
+        step(con)
+
+
 MIGRATIONS: dict[int, Migration] = {
     1: Migration(1, "provenance.origin (extracted | external); zero_shot_cache always present", _v1_to_v2),
+    2: Migration(2, "; ".join(d for d, _ in V3_STEPS) or "no change of shape", _v2_to_v3),
 }
 
 

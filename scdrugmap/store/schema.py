@@ -5,7 +5,7 @@ Every table is plain SQL so that a user can read a store with nothing but DuckDB
 the previous version in :mod:`.migrations` (stores are migrated when opened).
 """
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Cell columns every dataset has; extra ``obs`` columns are added beside them at ingest.
 CELL_CORE_COLUMNS = ("dataset", "row", "obs_name", "label", "label_raw", "sample", "patient")

@@ -242,7 +242,7 @@ def test_bad_input_is_one_line_and_writes_nothing(cli, small_store, tmp_path, ar
 
 def test_store_info_on_a_store_and_on_a_pack(cli, small_store, tmp_path):
     out = cli.ok("store", "info", small_store).output
-    assert "schema version 2" in out and "10 datasets, 800 cells" in out and "pca" in out
+    assert f"schema version {SCHEMA_VERSION}" in out and "10 datasets, 800 cells" in out and "pca" in out
     data = json.loads(cli.ok("store", "info", small_store, "--json").output)
     assert data["cells"] == 800 and data["backbones"][0]["dim"] == "50"
     assert data["backbones"][0]["origin"] == "extracted" and data["backbones"][0]["bytes"] > 0
