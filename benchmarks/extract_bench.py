@@ -141,6 +141,71 @@ DEFAULT = ["hvg", "pca", "uce-4L", "geneformer-6L", "geneformer-12L", "tgpt", "l
            "cellplm", "scbert", "celllm"]
 
 
+# tokenise stage: checkpoints with the release's token settings (vocabulary, gene lists, sequence
+# limits, sample size) and small model widths, which tokenisation never reads
+TOKENISE = {
+    "geneformer": ("geneformer", lambda d: ck.save_geneformer(d, "config_6L.json", hidden_size=32,
+                                                             num_hidden_layers=1, num_attention_heads=2,
+                                                             intermediate_size=64), {}),
+    "scgpt": ("scgpt", lambda d: __import__("official_scgpt").save_official_scgpt(d, embsize=32, nlayers=1,
+                                                                                  nheads=2, d_hid=64), {}),
+    "scfoundation": ("scfoundation", lambda d: __import__("official_scfoundation").save_scfoundation(d), {}),
+    "tgpt": ("tgpt", lambda d: ck.save_tgpt(d, n_embd=32, n_layer=1, n_head=2), {}),
+    "uce": ("uce", lambda d: __import__("official_uce").write_model_files(d, _pc9_genes(25077), all_tokens=False),
+            {}),
+    "scbert": ("scbert", lambda d: __import__("official_performer").save_scbert(d, _pc9_genes(16906)), {}),
+    "celllm": ("celllm", lambda d: __import__("official_performer").save_celllm(d, _pc9_genes(19379),
+                                                                              max_seq_len=6000), {}),
+    "llm": ("llm", None, {"top_k": 100}),
+}
+
+
+def pin_one_core() -> str:
+    """This process and its thread pools on one core: the tokenise figures are per core."""
+    import os
+
+    import torch
+
+    core = min(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {core})
+    torch.set_num_threads(1)
+    return f"pinned to core {core} (sched_setaffinity), torch.set_num_threads(1), RAYON_NUM_THREADS=1"
+
+
+def tokenise_stage(store: Store, names: list, repeats: int = 1) -> list:
+    """Per token-based backbone, cells/s of the CPU side of extraction on one core: per 4,096-row
+    chunk, the chunk prepared, its token counts, the length-sorted batches, every batch tokenised
+    and padded as the DataLoader workers do (``TorchBackbone.token_batches``)."""
+    (source,) = _sources(store, ["pc9"])
+    rows = []
+    for name in names:
+        reg_name, builder, options = TOKENISE[name]
+        model_dir = ck.minilm_dir() if builder is None else build_once(CACHE / "token-checkpoints" / name, ("TOKENISE", name),
+                                                                       f"a {name} checkpoint (token settings)")
+        cls = registry.get(reg_name)
+        model = cls(model_dir=model_dir, device="cpu", batch_size=None, options=options)
+        model.prepare(store, [source])
+        tokenizer = model.cell_tokenizer(source)
+        blocks = [source.rows(lo, min(lo + CHUNK, source.n_cells)) for lo in range(0, source.n_cells, CHUNK)]
+        for batch in model.token_batches(blocks[0][:64], tokenizer):   # warm-up
+            pass
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            n_tokens = 0
+            for block in blocks:
+                for index, ids, mask, inputs in model.token_batches(block, tokenizer):
+                    n_tokens += int(mask.sum())
+            best = min(best, time.perf_counter() - t)
+        rate = source.n_cells / best
+        row = {"backbone": name, "cells": source.n_cells, "batch": model.batch_size, "seconds": round(best, 3),
+               "tokens_per_cell": round(n_tokens / source.n_cells, 1), "cells_per_s_per_core": round(rate)}
+        rows.append(row)
+        print(f"{name}: {source.n_cells:,} cells, batch {model.batch_size}, {row['tokens_per_cell']:,.0f} tokens/cell, "
+              f"{best:.2f} s: {rate:,.0f} cells/s per core", flush=True)
+    return rows
+
+
 def dataset(n_cells: int) -> Store:
     """A store holding the PC9 rows repeated to ``n_cells`` (built once, cached)."""
     import anndata as ad
@@ -179,27 +244,37 @@ def random_minilm(folder: Path) -> Path:
 def checkpoint(name: str, builder):
     if name == "llm-minilm" and (ck.minilm_dir() / "model.safetensors").exists():
         return ck.minilm_dir()
-    if name == "llm-minilm":
-        builder = random_minilm
-    if builder is None:
+    if builder is None and name != "llm-minilm":
         return None
-    return build_once(CACHE / "checkpoints" / name, builder, f"a random {name} checkpoint")
+    return build_once(CACHE / "checkpoints" / name, ("BACKBONES", name), f"a random {name} checkpoint")
 
 
-def build_once(folder: Path, builder, what: str) -> Path:
-    """``builder(folder)`` unless an earlier run finished it; in a child process, so the
-    builder's memory never counts in a backbone's peak RSS."""
+def _builder(table: str, name: str):
+    """A builder by its table and name: the spawned child looks it up (lambdas do not pickle)."""
+    if (table, name) == ("BACKBONES", "llm-minilm"):
+        return random_minilm
+    return globals()[table][name][1]
+
+
+def build_once(folder: Path, builder: tuple, what: str) -> Path:
+    """The builder named ``(table, name)`` run on ``folder`` unless an earlier run finished it; in
+    a fresh (spawned) child process, so the builder's memory never counts in a backbone's peak RSS."""
     import multiprocessing
 
     if not (folder / "built").exists():
         print(f"  building {what} ...", flush=True)
-        child = multiprocessing.get_context("fork").Process(target=builder, args=(folder,))
+        # spawn, never fork: a fork after CUDA or a CPU thread pool is in use can hang the child
+        child = multiprocessing.get_context("spawn").Process(target=_build, args=(builder, folder))
         child.start()
         child.join()
         if child.exitcode != 0:
             raise RuntimeError(f"building {what} failed")
         (folder / "built").write_text("ok")
     return folder
+
+
+def _build(builder: tuple, folder: Path):
+    _builder(*builder)(folder)
 
 
 def counted_flops(model, encode, block, cells: int = 8) -> float:
@@ -324,13 +399,28 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--cells", type=int, default=None, help="default: 256 on CPU, 16,384 on CUDA")
-    ap.add_argument("--backbone", action="append", dest="backbones", choices=list(BACKBONES))
+    ap.add_argument("--backbone", action="append", dest="backbones", choices=list({**BACKBONES, **TOKENISE}))
     ap.add_argument("--workers", type=int, default=None, help="DataLoader workers (default 0 on CPU, 4 on CUDA)")
     ap.add_argument("--batch-size", type=int, default=None, help="override every backbone's batch size")
     ap.add_argument("--check-cpu", type=int, default=256, metavar="N",
                     help="on CUDA: compare N cells with a CPU fp32 run (0: skip)")
     ap.add_argument("--json", type=Path, help="also write the rows as JSON")
+    ap.add_argument("--stage", choices=["all", "tokenise"], default="all",
+                    help="tokenise: only the CPU side of extraction, per backbone, on one core")
+    ap.add_argument("--repeats", type=int, default=3, help="tokenise: best of N passes")
     args = ap.parse_args()
+    if args.stage == "tokenise":
+        import os
+
+        os.environ["RAYON_NUM_THREADS"] = "1"          # the fast tokenizers' thread pool (llm)
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        pinned = pin_one_core()
+        print(f"machine: {machine()}; load average {os.getloadavg()[0]:.2f}; {pinned}")
+        names = args.backbones or list(TOKENISE)
+        rows = tokenise_stage(dataset(args.cells or 4096), names, args.repeats)
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=1))
+        return
     import torch
 
     cuda = args.device.startswith("cuda")

@@ -231,14 +231,20 @@ class TorchBackbone(Backbone):
 
         return encode
 
+    def token_batches(self, block: sp.csr_matrix, tokenizer: "CellTokenizer") -> "_TokenBatches":
+        """The CPU side of :meth:`embed_block`: the block prepared once, its batches formed from the
+        token counts; item ``k`` is batch ``k`` tokenised (:meth:`CellTokenizer.tokens_many`, in a
+        DataLoader worker) and padded, ``(index, input_ids, attention_mask, inputs)``."""
+        cells = _CellTokens(block, tokenizer)
+        return _TokenBatches(cells, self.batches(cells.lengths()), _Pad(self.pad_id, self.pad_values))
+
     def embed_block(self, block: sp.csr_matrix, tokenizer: "CellTokenizer") -> np.ndarray:
         import torch
         from torch.utils.data import DataLoader
 
-        cells = _CellTokens(block, tokenizer)
-        batches = self.batches(cells.lengths())
-        loader = DataLoader(cells, batch_sampler=batches, collate_fn=_Pad(self.pad_id, self.pad_values),
-                            num_workers=self.config["workers"], pin_memory=self.on_cuda)
+        batches = self.token_batches(block, tokenizer)
+        loader = DataLoader(batches, batch_size=None, shuffle=False, num_workers=self.config["workers"],
+                            pin_memory=self.on_cuda)
         out = np.empty((block.shape[0], self.dim), dtype=np.float32)
         with torch.inference_mode(), self.autocast():
             for index, ids, mask, inputs in loader:
@@ -329,6 +335,38 @@ class CellTokenizer:
     def lengths(self, prepared) -> np.ndarray:
         return np.array([len(_ids(self.tokens(prepared, i))) for i in range(prepared.shape[0])])
 
+    def tokens_many(self, prepared, rows) -> "Ragged":
+        """The tokens of the cells ``rows``, all at once: exactly :meth:`tokens` of each, in order.
+        Backbones override it with block arithmetic (one sort per batch, no per-cell Python where
+        the tokenisation allows); this default runs :meth:`tokens` per cell."""
+        return Ragged.of([self.tokens(prepared, int(i)) for i in rows])
+
+
+class Ragged:
+    """Several cells' tokens end to end: ``lengths[k]`` positions of cell ``k``, and per input name
+    (``input_ids`` and a backbone's :attr:`TorchBackbone.pad_values`) one flat array."""
+
+    def __init__(self, lengths, arrays: dict):
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.arrays = {k: np.asarray(v, dtype=np.int64 if k == "input_ids" else np.float32)
+                       for k, v in arrays.items()}
+
+    @classmethod
+    def of(cls, cells: list) -> "Ragged":
+        """From a list of per-cell outputs of :meth:`CellTokenizer.tokens`."""
+        cells = [c if isinstance(c, dict) else {"input_ids": c} for c in cells]
+        names = list(cells[0]) if cells else ["input_ids"]
+        return cls([len(c["input_ids"]) for c in cells],
+                   {k: np.concatenate([np.asarray(c[k]) for c in cells]) if cells else np.zeros(0) for k in names})
+
+    def cell(self, k: int) -> dict:
+        lo = int(self.lengths[:k].sum())
+        return {name: a[lo:lo + self.lengths[k]] for name, a in self.arrays.items()}
+
+    @staticmethod
+    def offsets(lengths) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+
 
 class _CellTokens:
     """A map-style dataset over the rows of one block: item ``i`` is ``(i, token ids)``."""
@@ -356,6 +394,20 @@ def _ids(tokens):
     return tokens["input_ids"] if isinstance(tokens, dict) else tokens
 
 
+class _TokenBatches:
+    """Map-style dataset over the batches of one block: item ``k`` is batch ``k``, tokenised and padded."""
+
+    def __init__(self, cells: _CellTokens, batches: list, pad: "_Pad"):
+        self.cells, self.batches, self.pad = cells, batches, pad
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, k: int):
+        rows = np.asarray(self.batches[k], dtype=np.int64)
+        return self.pad.ragged(rows, self.cells.tokenizer.tokens_many(self.cells.prepared, rows))
+
+
 class _Pad:
     """Collate ``(index, tokens)`` items into right-padded ``input_ids``, ``attention_mask`` and
     the other per-token inputs (each padded with its own value)."""
@@ -380,3 +432,20 @@ class _Pad:
             for name in inputs:
                 inputs[name][row, :n] = torch.from_numpy(tokens[name])
         return index, ids, mask, inputs
+
+    def ragged(self, rows: np.ndarray, tokens: Ragged):
+        """The same padded batch as ``__call__`` over the cells' items, from their :class:`Ragged` tokens."""
+        import torch
+
+        n = tokens.lengths
+        width = max(int(n.max()) if len(n) else 0, 1)
+        mask = np.arange(width)[None, :] < n[:, None]
+        ids = np.full((len(n), width), self.pad_id, dtype=np.int64)
+        ids[mask] = tokens.arrays["input_ids"]
+        inputs = {}
+        for name, value in self.pad_values.items():
+            a = np.full((len(n), width), float(value), dtype=np.float32)
+            a[mask] = tokens.arrays[name]
+            inputs[name] = torch.from_numpy(a)
+        return (torch.from_numpy(np.asarray(rows, dtype=np.int64)), torch.from_numpy(ids),
+                torch.from_numpy(mask.astype(np.int64)), inputs)
