@@ -342,6 +342,22 @@ class CellTokenizer:
         return Ragged.of([self.tokens(prepared, int(i)) for i in rows])
 
 
+def with_ends(counts: np.ndarray, body: np.ndarray, first: int, last: int):
+    """Each cell's ``counts[k]`` tokens of ``body`` (end to end) between ``first`` and ``last``:
+    ``(lengths, ids)``."""
+    counts = np.asarray(counts, dtype=np.int64)
+    lengths = counts + 2
+    out = np.empty(int(lengths.sum()), dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    out[starts] = first
+    out[starts + lengths - 1] = last
+    inner = np.ones(len(out), dtype=bool)
+    inner[starts] = False
+    inner[starts + lengths - 1] = False
+    out[inner] = body
+    return lengths, out
+
+
 class Ragged:
     """Several cells' tokens end to end: ``lengths[k]`` positions of cell ``k``, and per input name
     (``input_ids`` and a backbone's :attr:`TorchBackbone.pad_values`) one flat array."""
