@@ -141,6 +141,62 @@ DEFAULT = ["hvg", "pca", "uce-4L", "geneformer-6L", "geneformer-12L", "tgpt", "l
            "cellplm", "scbert", "celllm"]
 
 
+def _tiny_performer(kind: str):
+    def build(folder):
+        import official_performer as op
+
+        if kind == "scbert":
+            return op.save_scbert(folder, _pc9_genes(16906))
+        return op.save_celllm(folder, _pc9_genes(19379), max_seq_len=6000)
+    return build
+
+
+def _tiny_minilm(folder):
+    """MiniLM's tokenizer over a one-layer 32-wide BERT."""
+    import shutil
+
+    import torch
+    import transformers
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        shutil.copy(ck.minilm_dir() / f, folder / f)
+    torch.manual_seed(0)
+    transformers.BertModel(transformers.BertConfig(vocab_size=30522, **_TINY_BERT)).save_pretrained(folder)
+    return folder
+
+
+def _tiny_cellplm(folder):
+    import shutil
+
+    from official_cellplm import save_cellplm
+
+    save_cellplm(folder)
+    shutil.copy(ck.GENEFORMER_ASSETS / "gene_name_id_dict.pkl", folder / "gene_name_id_dict.pkl")
+    return folder
+
+
+_TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
+# --tiny: every backbone at a small shape (the real token settings), to prove the run end to end
+# on a CPU in seconds (tests/test_benchmarks.py); the figures mean nothing
+TINY = {
+    "geneformer-6L": lambda d: ck.save_geneformer(d, "config_6L.json", **_TINY_BERT),
+    "geneformer-12L": lambda d: ck.save_geneformer(d, "config_12L.json", **_TINY_BERT),
+    "tgpt": lambda d: ck.save_tgpt(d, n_embd=32, n_layer=1, n_head=2),
+    "scgpt": lambda d: __import__("official_scgpt").save_official_scgpt(d, embsize=32, nlayers=1, nheads=2,
+                                                                        d_hid=64),
+    "scfoundation": lambda d: __import__("official_scfoundation").save_scfoundation(d),
+    "cellplm": _tiny_cellplm,
+    "uce-4L": lambda d: __import__("official_uce").write_model_files(d, _pc9_genes(25077), all_tokens=False),
+    "scbert": _tiny_performer("scbert"),
+    "celllm": _tiny_performer("celllm"),
+    "llama-8b": lambda d: ck.save_llama(d),
+    "llm-minilm": lambda d: _tiny_minilm(d),
+}
+TINY_OPTIONS = {"pca": {"n_components": 8}}
+TINY_CELLS = 8                # per neural backbone with --tiny (scBERT: its CPU count, 2)
+TINY = {k: (None, v) for k, v in TINY.items()}          # the (registry name, builder) layout of _builder
+
 # tokenise stage: checkpoints with the release's token settings (vocabulary, gene lists, sequence
 # limits, sample size) and small model widths, which tokenisation never reads
 TOKENISE = {
@@ -241,12 +297,56 @@ def random_minilm(folder: Path) -> Path:
     return folder
 
 
-def checkpoint(name: str, builder):
-    if name == "llm-minilm" and (ck.minilm_dir() / "model.safetensors").exists():
-        return ck.minilm_dir()
+def checkpoint_plan(name: str, tiny: bool = False):
+    """``(folder, builder key)`` of a backbone's checkpoint; builder key None: nothing to build;
+    folder None: the backbone reads no checkpoint."""
+    builder = BACKBONES[name][1]
+    if name == "llm-minilm" and not tiny and (ck.minilm_dir() / "model.safetensors").exists():
+        return ck.minilm_dir(), None
     if builder is None and name != "llm-minilm":
-        return None
-    return build_once(CACHE / "checkpoints" / name, ("BACKBONES", name), f"a random {name} checkpoint")
+        return None, None
+    if tiny:
+        return CACHE / "tiny-checkpoints" / name, ("TINY", name)
+    return CACHE / "checkpoints" / name, ("BACKBONES", name)
+
+
+def checkpoint(name: str, tiny: bool = False):
+    folder, builder = checkpoint_plan(name, tiny)
+    if builder is None:
+        return folder
+    return build_once(folder, builder, f"a random {name} checkpoint")
+
+
+def build_all(names: list, tiny: bool = False) -> None:
+    """Every missing checkpoint of ``names``, built in one fresh (spawned) process before any
+    backbone runs here: no fork after CUDA or a thread pool, and one interpreter start for all."""
+    import multiprocessing
+
+    todo = [(folder, builder) for folder, builder in (checkpoint_plan(n, tiny) for n in names)
+            if builder is not None and not (folder / "built").exists()]
+    if not todo:
+        return
+    say(f"  building {len(todo)} checkpoint(s) in a spawned process ...")
+    child = multiprocessing.get_context("spawn").Process(target=_build_many, args=(todo,))
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        raise RuntimeError("building the checkpoints failed")
+
+
+def _build_many(todo):
+    for folder, builder in todo:
+        _builder(*builder)(folder)
+        (folder / "built").write_text("ok")
+
+
+def say(text: str) -> None:
+    """Progress for people: on stderr when stdout carries JSON lines."""
+    print(f"[{time.perf_counter() - STARTED:5.0f} s] {text}", file=sys.stderr if JSONL else sys.stdout, flush=True)
+
+
+JSONL = False
+STARTED = time.perf_counter()
 
 
 def _builder(table: str, name: str):
@@ -320,19 +420,26 @@ def agreement(cls, model_dir, options, source, encode, n: int, batch_size: int |
     return out
 
 
-def bench(name: str, store: Store, device: str, workers: int, batch_size: int | None, check_cells: int = 0) -> dict:
+def bench(name: str, store: Store, device: str, workers: int, batch_size: int | None, check_cells: int = 0,
+          tiny: bool = False, deadline: float | None = None) -> dict:
+    import tempfile
+
     import torch
+
+    from scdrugmap.store.arrays import StagedArray
 
     reg_name, builder, options, cpu_batch, gpu_batch, cpu_cells = BACKBONES[name]
     cls = registry.get(reg_name)
-    model_dir = checkpoint(name, builder)
-    options = dict(options)
+    model_dir = checkpoint(name, tiny)
+    options = {**options, **(TINY_OPTIONS.get(name, {}) if tiny else {})}
     if "workers" in cls.options:
         options["workers"] = workers
         batch_size = batch_size or (gpu_batch if device.startswith("cuda") else cpu_batch)
     # the heaviest models see fewer cells on a CPU (the rate, not the count, is the figure)
     (source,) = _sources(store, ["pc9"])
     n = source.n_cells if device.startswith("cuda") or not cpu_cells else min(cpu_cells, source.n_cells)
+    if tiny and cpu_cells:
+        n = min(n, TINY_CELLS)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
     model = cls(model_dir=model_dir, device=device, batch_size=batch_size, options=options)
@@ -347,25 +454,47 @@ def bench(name: str, store: Store, device: str, workers: int, batch_size: int | 
     token_counts = isinstance(tokenizer, CellTokenizer)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
-    encode(source.rows(0, min(256 if device.startswith("cuda") else 8, source.n_cells)))   # warm-up
+    encode(source.rows(0, min(256 if device.startswith("cuda") else 8, n)))   # warm-up
     sync()
     if neural:
         model.padding_stats = [0, 0]
-    seconds, lengths_all = 0.0, []
-    for lo in range(0, n, CHUNK):
-        hi = min(lo + CHUNK, n)
-        block = source.rows(lo, hi)
-        if token_counts:
-            lengths_all.append(np.asarray(tokenizer.lengths(tokenizer.prepare(block))))
-        t = time.perf_counter()
-        encode(block)
-        sync()
-        seconds += time.perf_counter() - t
+    seconds, tokenise_s, write_s, done, lengths_all, stopped = 0.0, 0.0, 0.0, 0, [], False
+    with tempfile.TemporaryDirectory() as scratch:
+        staged = StagedArray(Path(scratch), name, "pc9", n, model.dim, "float16", CHUNK, {"bench": True})
+        for chunk, lo in enumerate(range(0, n, CHUNK)):
+            if deadline is not None and done and time.perf_counter() > deadline:
+                stopped = True
+                break
+            hi = min(lo + CHUNK, n)
+            block = source.rows(lo, hi)
+            if token_counts:
+                lengths_all.append(np.asarray(tokenizer.lengths(tokenizer.prepare(block))))
+                t = time.perf_counter()                 # the CPU side alone: what the workers do
+                for _ in model.token_batches(block, tokenizer):
+                    pass
+                tokenise_s += time.perf_counter() - t
+            t = time.perf_counter()
+            values = encode(block)
+            sync()
+            seconds += time.perf_counter() - t
+            t = time.perf_counter()
+            staged.write_chunk(chunk, np.asarray(values, dtype=np.float32))
+            write_s += time.perf_counter() - t
+            done = hi
+    n = done
     row = {"backbone": name, "device": device, "cells": n, "dim": model.dim,
            "batch": model.batch_size if neural else "-", "load_s": round(load_s, 1),
            "cells_per_s": round(n / seconds, 1),
            # growth of the process's peak RSS (KiB on Linux) while loading and embedding
            "peak_rss_gain_gib": round((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 2**20, 2)}
+    # stage seconds per 1,000 cells: tokenise (timed alone), forward (the embedding minus the
+    # tokenisation it holds when the workers are this process), write (the float16 Zarr chunks)
+    inline = not neural or options.get("workers", 0) == 0
+    row["stage_s_per_1k"] = {"tokenise": round(tokenise_s / n * 1e3, 4),
+                             "forward": round(max(seconds - (tokenise_s if inline else 0.0), 0.0) / n * 1e3, 4),
+                             "write": round(write_s / n * 1e3, 4)}
+    if stopped:
+        row["stopped_at_budget"] = True
     if token_counts:
         lengths = np.concatenate(lengths_all)
         sorted_batches, store_batches, offset = [], [], 0
@@ -380,13 +509,13 @@ def bench(name: str, store: Store, device: str, workers: int, batch_size: int | 
                     "pad_store_order": round(padding(lengths, store_batches), 4)})
     if neural:
         per_cell = counted_flops(model, encode, source.rows(0, n))
-        row.update({"gflop_per_cell": round(per_cell / 1e9, 2), "tflop_s": round(per_cell * n / seconds / 1e12, 3)})
+        row.update({"gflop_per_cell": round(per_cell / 1e9, 4), "tflop_s": round(per_cell * n / seconds / 1e12, 3)})
         if device.startswith("cuda"):
             gpu = torch.cuda.get_device_name()
             peak = next((v for k, v in PEAKS.items() if k in gpu), None)
             row["mfu"] = round(per_cell * n / seconds / peak, 3) if peak else None
             row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
-    if neural and check_cells and device != "cpu":
+    if neural and check_cells and device != "cpu" and (deadline is None or time.perf_counter() < deadline):
         row.update(agreement(cls, model_dir, options, source, encode, check_cells, model.batch_size))
     del model
     if device.startswith("cuda"):
@@ -396,10 +525,21 @@ def bench(name: str, store: Store, device: str, workers: int, batch_size: int | 
 
 
 def main():
+    global JSONL
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--cells", type=int, default=None, help="default: 256 on CPU, 16,384 on CUDA")
+    ap.add_argument("--cells", type=int, default=None, help="default: 256 on CPU, 16,384 on CUDA, 32 with --tiny; "
+                    "4,096 for --stage tokenise")
     ap.add_argument("--backbone", action="append", dest="backbones", choices=list({**BACKBONES, **TOKENISE}))
+    ap.add_argument("--all", action="store_true", help="the default list plus llama-8b (UCE 4-layer and scBERT "
+                    "are in the default list)")
+    ap.add_argument("--budget", type=float, default=None, metavar="SECONDS",
+                    help="stop starting backbones (and stop a running one after its current chunk) once SECONDS "
+                    "have passed since the start, checkpoint builds included; the rest are reported as skipped")
+    ap.add_argument("--jsonl", action="store_true", help="stdout: one JSON line per backbone, as each finishes "
+                    "(progress goes to stderr)")
+    ap.add_argument("--tiny", action="store_true", help="small random checkpoints and few cells: proves the run "
+                    "end to end (e.g. on a CPU before a GPU run); the figures mean nothing")
     ap.add_argument("--workers", type=int, default=None, help="DataLoader workers (default 0 on CPU, 4 on CUDA)")
     ap.add_argument("--batch-size", type=int, default=None, help="override every backbone's batch size")
     ap.add_argument("--check-cpu", type=int, default=256, metavar="N",
@@ -409,6 +549,8 @@ def main():
                     help="tokenise: only the CPU side of extraction, per backbone, on one core")
     ap.add_argument("--repeats", type=int, default=3, help="tokenise: best of N passes")
     args = ap.parse_args()
+    start = time.perf_counter()
+    JSONL = args.jsonl
     if args.stage == "tokenise":
         import os
 
@@ -424,31 +566,58 @@ def main():
     import torch
 
     cuda = args.device.startswith("cuda")
-    n_cells = args.cells or (16384 if cuda else 256)
+    n_cells = args.cells or (32 if args.tiny else 16384 if cuda else 256)
     workers = args.workers if args.workers is not None else (4 if cuda else 0)
-    print(f"machine: {machine()}")
+    names = args.backbones or (DEFAULT + ["llama-8b"] if args.all else DEFAULT)
+    unknown = [n for n in names if n not in BACKBONES]
+    if unknown:
+        ap.error(f"--backbone {unknown[0]}: only --stage tokenise takes it")
+    say(f"machine: {machine()}")
     if cuda:
-        print(f"gpu: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+        say(f"gpu: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     else:
-        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    store = dataset(n_cells)
+        say(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    deadline = None if args.budget is None else start + args.budget
+    store = None
+    if deadline is None or time.perf_counter() < deadline:
+        build_all(names, args.tiny)             # before this process touches CUDA or a thread pool
+        store = dataset(n_cells)
     rows = []
-    for name in args.backbones or DEFAULT:
-        print(f"{name} ...", flush=True)
-        rows.append(bench(name, store, args.device, workers, args.batch_size,
-                          0 if name == "llama-8b" else args.check_cpu))
-        print("  " + json.dumps(rows[-1]), flush=True)
-    frame = pd.DataFrame(rows)
+    for name in names:
+        if deadline is not None and time.perf_counter() >= deadline:
+            rows.append({"backbone": name, "skipped": f"budget of {args.budget:g} s reached"})
+        else:
+            say(f"{name} ...")
+            try:
+                rows.append(bench(name, store, args.device, workers, args.batch_size,
+                                  0 if name == "llama-8b" or args.tiny else args.check_cpu, args.tiny, deadline))
+            except Exception as e:             # one backbone's failure must not lose the others' figures
+                if not args.jsonl:
+                    raise
+                rows.append({"backbone": name, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+        if args.jsonl:
+            print(json.dumps(rows[-1]), flush=True)
+        else:
+            print("  " + json.dumps(rows[-1]), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    if args.jsonl:
+        say(f"total {time.perf_counter() - start:.0f} s")
+        return
+    frame = pd.DataFrame([r for r in rows if "cells_per_s" in r])
     print()
-    print(frame.drop(columns=["pad_sorted_check"], errors="ignore").to_string(index=False))
+    print(frame.drop(columns=["pad_sorted_check", "stage_s_per_1k"], errors="ignore").to_string(index=False))
+    for r in rows:
+        if "stage_s_per_1k" in r:
+            st = r["stage_s_per_1k"]
+            print(f"{r['backbone']}: seconds per 1,000 cells: tokenise {st['tokenise']:.3f}, "
+                  f"forward {st['forward']:.3f}, write {st['write']:.3f}")
     if "pad_sorted" in frame:
         neural = frame.dropna(subset=["pad_sorted"])
         for r in neural.itertuples():
             ratio = f"{r.pad_store_order / r.pad_sorted:.1f}x" if r.pad_sorted > 0 else "no padding either way"
             print(f"{r.backbone}: length-sorted batches pad {r.pad_sorted:.1%} of positions vs "
                   f"{r.pad_store_order:.1%} in store order ({ratio})")
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":
