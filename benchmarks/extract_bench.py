@@ -17,7 +17,7 @@ on a GPU, a random Llama-3-8B-shaped model in bf16 over the same gene sentences.
 
 Each backbone runs through the path ``scdrugmap extract`` takes (source rows of one 4,096-row
 store chunk -> tokenisation in DataLoader workers -> length-sorted batches -> forward -> pool),
-timed per chunk after a warm-up; the Zarr write is left out (store_bench.py measures it).
+timed per chunk after a warm-up; the Zarr write is timed apart (see the stages below).
 Printed per backbone: model load seconds, cells/s, the growth of the process's peak RSS while
 loading and embedding (checkpoints are built in a child process; for UCE it bounds what the
 3 GB token table costs), the padded fraction of all positions with
@@ -28,8 +28,27 @@ the peak GPU memory, and the agreement of the GPU's (bf16 autocast) embeddings w
 fp32 run of the same cells (for CellPLM, whose cells attend to each other, with the same
 ``batch_cells`` and grouping on both sides, so the figure is precision, not grouping).
 
+Stage seconds per 1,000 cells, printed per backbone: tokenise (the CPU side alone, timed
+separately: the chunk prepared, its batches tokenised and padded), forward (the embedding less
+that tokenisation when it runs in this process, ``workers=0``), write (the float16 chunks through
+the store's staging writer into a scratch folder).
+
+Checkpoints are built before any backbone runs, all in one spawned process (never a fork after
+CUDA or a CPU thread pool is in use: such a child can hang).
+
+``--stage tokenise``: only the CPU side, per token-based backbone, on one core (the process pinned
+with ``os.sched_setaffinity``, ``torch.set_num_threads(1)``, ``RAYON_NUM_THREADS=1`` for the fast
+tokenizers), best of ``--repeats`` passes over 4,096 real PC9 cells, with checkpoints that carry
+the release's token settings (vocabulary, gene lists, sequence limits, UCE's sample size) at small
+model widths; one line per backbone ending in ``<N> cells/s per core``.
+
+One call for a GPU machine: ``--device cuda --all --budget 420 --jsonl`` runs the default list
+plus ``llama-8b``, prints one JSON line per backbone as each finishes (progress on stderr), stops a
+backbone after its current chunk once the budget is spent and reports the rest as skipped.
+``--tiny`` runs the same at tiny shapes on a few cells (the test does, on a CPU).
+
 Run: ``python benchmarks/extract_bench.py [--device cuda] [--cells N] [--backbone NAME ...]
-[--workers N] [--json FILE]``.
+[--all] [--budget SECONDS] [--jsonl] [--tiny] [--stage tokenise] [--workers N] [--json FILE]``.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ padded batch into cell embeddings; the engine does the rest, the same way for ev
 
 * length-aware batching: the cells of a store chunk are sorted by token count and cut into
   batches, so padding stays small (the padding fraction is measured in the benchmark);
-* tokenisation in ``DataLoader`` workers (``--option workers=N``), pinned memory and
+* tokenisation in ``DataLoader`` workers (``--option workers=N``), one batch per item
+  (:meth:`CellTokenizer.tokens_many`, padded from the batch's ragged tokens), pinned memory and
   non-blocking copies on CUDA;
 * ``torch.inference_mode``, bf16 autocast on CUDA (``--option precision=fp32|bf16|fp16``),
   PyTorch SDPA attention where the architecture has it;
@@ -321,7 +322,8 @@ class CellTokenizer:
 
     ``prepare`` runs once per block (vectorised work: normalisation, gene mapping);
     ``lengths`` gives every cell's token count without tokenising, so batches can be formed
-    first; ``tokens`` runs per cell, in the DataLoader workers.
+    first; ``tokens_many`` runs per batch, in the DataLoader workers, and must equal ``tokens``
+    (one cell, the straightforward reference) of each of its cells (tests/extract/test_token_batches.py).
     """
 
     def prepare(self, block: sp.csr_matrix):
