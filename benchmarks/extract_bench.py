@@ -255,8 +255,8 @@ def tokenise_stage(store: Store, names: list, repeats: int = 1) -> list:
     rows = []
     for name in names:
         reg_name, builder, options = TOKENISE[name]
-        model_dir = ck.minilm_dir() if builder is None else build_once(CACHE / "token-checkpoints" / name, ("TOKENISE", name),
-                                                                       f"a {name} checkpoint (token settings)")
+        model_dir = ck.minilm_dir() if builder is None else build_once(
+            CACHE / "token-checkpoints" / name, ("TOKENISE", name), f"a {name} checkpoint (token settings)")
         cls = registry.get(reg_name)
         model = cls(model_dir=model_dir, device="cpu", batch_size=None, options=options)
         model.prepare(store, [source])
