@@ -500,7 +500,10 @@ class SentenceTokenizer(CellTokenizer):
             picked = genes[cdf.searchsorted(rs.random_sample(self.sample_size), side="right")]
             picked = self._by_rank[np.sort(self._rank[picked])]
             codes = self.codes[picked]
-            first = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]])
+            change = np.empty(len(codes), dtype=bool)
+            change[0] = True
+            np.not_equal(codes[1:], codes[:-1], out=change[1:])
+            first = np.flatnonzero(change)
             perm = np.arange(len(first))
             rs.shuffle(perm)
             picked_parts.append(picked)
@@ -522,9 +525,12 @@ class SentenceTokenizer(CellTokenizer):
                 continue
             first, chroms, perm = c
             n = self.sample_size
-            seg = np.diff(np.r_[first, n])                          # genes per chromosome, sorted order
+            seg = np.empty(len(first), dtype=np.int64)              # genes per chromosome, sorted order
+            seg[:-1] = first[1:] - first[:-1]
+            seg[-1] = n - first[-1]
+            step = seg[perm] + 2
             seg_out = np.empty(len(perm), dtype=np.int64)            # where each segment starts in the output
-            seg_out[perm] = start + 1 + np.r_[0, np.cumsum(seg[perm] + 2)[:-1]]
+            seg_out[perm] = start + 1 + np.cumsum(step) - step
             chrom_pos.append(seg_out)
             chrom_ids.append(chroms)
             close_pos.append(seg_out + seg + 1)
@@ -539,10 +545,10 @@ class SentenceTokenizer(CellTokenizer):
     def lengths(self, x) -> np.ndarray:
         """An upper bound (1 + sample size + 2 x the cell's expressed chromosomes): for batching only."""
         n_chrom = int(self.chrom_local.max()) + 1 if len(self.chrom_local) else 1
-        per = sp.csr_matrix((np.ones(x.nnz), self.chrom_local[x.indices], x.indptr.copy()),
-                            shape=(x.shape[0], n_chrom))
-        per.sum_duplicates()                                 # in place: x's own arrays are not shared
-        k = np.minimum(np.diff(per.indptr), self.sample_size)
+        row = np.repeat(np.arange(x.shape[0]), np.diff(x.indptr))
+        present = np.zeros(x.shape[0] * n_chrom, dtype=bool)       # cell x chromosome: any gene expressed
+        present[row * n_chrom + self.chrom_local[x.indices]] = True
+        k = np.minimum(present.reshape(x.shape[0], n_chrom).sum(axis=1), self.sample_size)
         return np.where(np.diff(x.indptr) > 0, 1 + self.sample_size + 2 * k, 1)
 
 
