@@ -36,7 +36,9 @@ DATASET_FACTS = frozenset({
     "genes_matched", "genes_matched_ignoring_case", "dataset_genes", "genes_in_dataset", "genes_in_vocabulary",
     "vocabulary_genes_used", "panel_genes_found", "value_kind", "batch_col_used", "batch_values", "groups",
     "cohort_cells", "genes_with_embedding", "genes_below_min_cells", "chromosomes", "model_genes_used",
-    "gene_map"})
+    "gene_map",
+    # how the extraction was run, not what it computed
+    "batch_size", "workers"})
 BATCH_ROWS = 65_536
 BOOTSTRAP = 1000
 _DRAWS_PER_BLOCK = 20_000_000          # bootstrap indices drawn at once (160 MB of int64)
@@ -81,10 +83,10 @@ def provenance_mismatch(trained: dict, new: dict, backbone: str, dataset: str) -
     keys = set(mine) | {k for p in theirs for k in p}
     differ = []
     for key in sorted(keys - DATASET_FACTS):
-        values = [json.dumps(p.get(key), sort_keys=True) for p in theirs]
+        values = [_canonical(p.get(key)) for p in theirs]
         if len(set(values)) > 1:          # differs among the training datasets themselves: a dataset fact
             continue
-        if json.dumps(mine.get(key), sort_keys=True) != values[0]:
+        if _canonical(mine.get(key)) != values[0]:
             differ.append(key)
     if differ:
         shown = "; ".join(f"{k} {_short(mine.get(k))} vs {_short(theirs[0].get(k))}" for k in differ[:3])
@@ -92,6 +94,21 @@ def provenance_mismatch(trained: dict, new: dict, backbone: str, dataset: str) -
         return (f"{backbone}'s embeddings of {dataset} were made with other preprocessing than the head's training "
                 f"embeddings ({shown}{more})")
     return None
+
+
+def _canonical(value) -> str:
+    """A parameter as compared: local file paths by their file name only (the same checkpoint in
+    another folder, or a store whose paths were stripped by 'store pack --strip-paths')."""
+    def strip(v):
+        if isinstance(v, str) and "\n" not in v and (v.startswith(("/", "~", "\\\\")) or v[1:3] in (":\\", ":/")):
+            return v.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1]
+        if isinstance(v, list):
+            return [strip(x) for x in v]
+        if isinstance(v, dict):
+            return {k: strip(x) for k, x in v.items()}
+        return v
+
+    return json.dumps(strip(value), sort_keys=True)
 
 
 def _short(value) -> str:
