@@ -97,6 +97,16 @@ def load_estimator(folder: Path, entry: dict):
         return _Booster(booster, entry["classes"])
     if kind != "sklearn":
         raise UserError(f"{folder}: unknown head kind {kind!r}: the model was saved by a newer scdrugmap; upgrade it")
+    try:
+        return _load_sklearn(folder, entry)
+    except ValueError as e:
+        if "allow_pickle" in str(e):
+            raise UserError(f"{folder / entry['file']} holds object arrays, which are never unpickled: "
+                            "the head was not written by scdrugmap; fit it again") from None
+        raise
+
+
+def _load_sklearn(folder: Path, entry: dict):
     from sklearn.pipeline import Pipeline
 
     allowed = _classes()
