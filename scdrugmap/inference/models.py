@@ -133,6 +133,10 @@ def fit_model(store: Store, backbone: str, head: str = "lr", where: str | None =
                "scdrugmap_version": __version__}
         try:
             with store.transaction() as con:
+                taken = con.execute("SELECT folder FROM models WHERE name = ?", [name]).fetchone()
+                if taken and (not replace or taken[0] != (old or {}).get("folder")):
+                    raise UserError(f"model {name!r} was saved by another command meanwhile: choose another --name, "
+                                    "or pass --replace")
                 con.execute("DELETE FROM models WHERE name = ?", [name])
                 cols = list(row)
                 con.execute(f"INSERT INTO models ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",

@@ -151,11 +151,17 @@ def predict(store: Store, model: str, dataset: str, where: str | None = None, se
     t0 = time.perf_counter()
     row = model_row(store, model)
     store.require_datasets([dataset])
+    if getattr(store, "remote", False):
+        raise UserError(f"model {model!r} lives in files of the store that a store opened by URL does not download: "
+                        "unpack or copy the store to this machine and predict there")
     check_compatible(store, row, dataset)
     estimator, manifest = load_model(store, row)
     if check_outputs is not None:
         check_outputs()
     notes = []
+    if dataset in set(row["datasets"]):
+        notes.append(f"{dataset} is one of the datasets model {model!r} was fitted on: predictions of its training "
+                     "cells are in-sample (optimistic); its cross-validated scores are in 'scdrugmap models'")
     t_load = time.perf_counter()
     columns = ("obs_name", "sample", "patient", "label")
     X, cells = store.load(row["backbone"], where=where, datasets=[dataset], dtype=np.float32, columns=columns)

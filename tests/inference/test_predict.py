@@ -63,6 +63,8 @@ def test_fit_records_provenance_and_the_cv_scores_of_the_same_configuration(stor
     assert json.loads(row["params"])["estimator"] == "LogisticRegression" and row["seed"] == 0
     out = cli.ok("models", "--store", path).output
     assert "all-lr" in out and "F1" in out
+    res = cli.ok("predict", "--store", path, "--model", "all-lr", "--dataset", "SimData3")
+    assert "in-sample" in res.stderr         # a training dataset: said so
     # another seed is another configuration: no CV scores claimed for it
     cli.ok("fit", "--store", path, "--backbone", "pca", "--head", "lr", "--name", "s1", "--seed", "1")
     assert json.loads(Store.open(path).sql("SELECT cv_scores FROM models WHERE name = 's1'").iloc[0, 0]) == []
