@@ -87,7 +87,8 @@ def models(store_path):
 
 @click.command()
 @store_option
-@click.option("--model", "model_name", required=True, help="A model saved by 'scdrugmap fit'.")
+@click.option("--model", "model_name", required=True,
+              help="A model saved by 'scdrugmap fit', or the run id of a LoRA run ('scdrugmap finetune').")
 @click.option("--dataset", required=True, help="The dataset to predict (ingested and extracted with the model's backbone).")
 @click.option("--where", help="SQL condition on the cohort view: only these cells of the dataset.")
 @click.option("--seed", default=0, show_default=True, type=SEED, help="Seed of the bootstrap intervals.")
@@ -97,8 +98,13 @@ def models(store_path):
               help="Also write the per-cell predictions as Parquet.")
 @click.option("--summary-csv", "summary_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the per-sample and per-patient summary as CSV.")
+@click.option("--model-dir", type=click.Path(path_type=Path),
+              help="LoRA runs only: the checkpoint the run was fine-tuned from.")
+@click.option("--device", default="cpu", show_default=True, help="LoRA runs only: cpu or cuda.")
+@click.option("--batch-size", type=click.IntRange(1), help="LoRA runs only: cells per forward pass.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def predict(store_path, model_name, dataset, where, seed, csv_path, parquet_path, summary_path, quiet):
+def predict(store_path, model_name, dataset, where, seed, csv_path, parquet_path, summary_path, model_dir, device,
+            batch_size, quiet):
     """Probability of resistance per cell of a dataset, and per sample and patient.
 
     Per cell, the probability and the call (resistant at probability >= 0.5) are stored in
@@ -107,10 +113,14 @@ def predict(store_path, model_name, dataset, where, seed, csv_path, parquet_path
     cells are printed. Refused when the dataset's embeddings were made with another
     checkpoint or preprocessing than the model's training embeddings. Labels are not needed.
 
+    A LoRA run (its run id as --model) embeds the dataset's cells again with each fold's
+    adapters (--model-dir: the checkpoint it was fine-tuned from) and averages its folds' heads.
+
     \b
     Examples:
       scdrugmap predict --store st --model pca-lr --dataset new_patient
       scdrugmap predict --store st --model pca-lr --dataset gbm --where "patient = 'P3'" --csv p3.csv
+      scdrugmap predict --store st --model 3f2a9c1b7d4e --model-dir gf-6L --dataset new_patient
       scdrugmap query --store st "SELECT call, count(*) FROM predictions GROUP BY ALL"
     """
     from .inference import predict as run_predict
@@ -130,7 +140,8 @@ def predict(store_path, model_name, dataset, where, seed, csv_path, parquet_path
                 raise UserError("--parquet needs the pyarrow package: pip install pyarrow") from None
 
     result = run_predict(open_store(store_path), model_name, dataset, where=where, seed=seed,
-                         show_progress=not quiet, check_outputs=check_outputs)
+                         show_progress=not quiet, check_outputs=check_outputs, model_dir=model_dir,
+                         device=device, batch_size=batch_size)
     for note in result.notes:
         click.echo(f"note: {note}", err=True)
     if csv_path:

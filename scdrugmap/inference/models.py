@@ -216,8 +216,8 @@ def model_row(store: Store, name: str) -> dict:
     row = _model_row(store, name)
     if row is None:
         names = list(store.sql("SELECT name FROM models ORDER BY name")["name"])
-        raise UserError(f"no model {name!r} in this store (models: {', '.join(names) or 'none'}): "
-                        "fit one with 'scdrugmap fit', list them with 'scdrugmap models'")
+        raise UserError(f"no model {name!r} in this store (models: {', '.join(names) or 'none'}; or the run id of a "
+                        "LoRA fine-tuning run): fit one with 'scdrugmap fit', list them with 'scdrugmap models'")
     return row
 
 

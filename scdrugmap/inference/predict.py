@@ -124,10 +124,11 @@ def check_compatible(store: Store, row: dict, dataset: str) -> dict:
     mine = prov[prov["dataset"] == dataset]
     if mine.empty:
         if "+lora:" in backbone:
+            run = backbone.split("+lora:", 1)[1]
             raise UserError(f"model {name!r} uses the fine-tuned embeddings {backbone}, which exist only for the "
                             f"datasets of that LoRA run's cohort ({', '.join(prov['dataset']) or 'none'}), not for "
-                            f"{dataset}: embedding a new dataset with stored adapters is not supported; fit the head "
-                            "on a frozen backbone to predict new datasets")
+                            f"{dataset}: predict with the run itself ('scdrugmap predict --model {run} --model-dir "
+                            "CHECKPOINT'), which embeds new cells with its adapters")
         raise UserError(f"dataset {dataset!r} has no {backbone} embeddings, which model {name!r} needs: run "
                         f"'scdrugmap extract --backbone {backbone} --dataset {dataset}' (with the same --model-dir "
                         "and options as the training datasets)")
@@ -141,44 +142,73 @@ def check_compatible(store: Store, row: dict, dataset: str) -> dict:
 
 
 def predict(store: Store, model: str, dataset: str, where: str | None = None, seed: int = 0,
-            n_boot: int = BOOTSTRAP, show_progress: bool = True, check_outputs=None) -> Prediction:
-    """Apply model ``model`` to the cells of ``dataset`` that ``where`` selects (all by default)."""
+            n_boot: int = BOOTSTRAP, show_progress: bool = True, check_outputs=None, model_dir=None,
+            device: str = "cpu", batch_size: int | None = None) -> Prediction:
+    """Apply ``model`` to the cells of ``dataset`` that ``where`` selects (all by default).
+
+    ``model`` is a head saved by ``scdrugmap fit``, or the run id of a LoRA fine-tuning run whose
+    folds are in the store (:mod:`.lora`; needs ``model_dir``, the backbone's checkpoint)."""
     from threadpoolctl import threadpool_limits
 
     from ..probe.run import check_seed
+    from .lora import lora_run
+    from .models import _model_row
 
     check_seed(seed)
     t0 = time.perf_counter()
-    row = model_row(store, model)
+    row = _model_row(store, model)
+    run = lora_run(store, model) if row is None else None
+    if row is None and run is None:
+        model_row(store, model)                      # the one-line error listing the models
     store.require_datasets([dataset])
     if getattr(store, "remote", False):
         raise UserError(f"model {model!r} lives in files of the store that a store opened by URL does not download: "
                         "unpack or copy the store to this machine and predict there")
-    check_compatible(store, row, dataset)
-    estimator, manifest = load_model(store, row)
-    if check_outputs is not None:
-        check_outputs()
-    notes = []
-    if dataset in set(row["datasets"]):
-        notes.append(f"{dataset} is one of the datasets model {model!r} was fitted on: predictions of its training "
-                     "cells are in-sample (optimistic); its cross-validated scores are in 'scdrugmap models'")
-    t_load = time.perf_counter()
     columns = ("obs_name", "sample", "patient", "label")
-    X, cells = store.load(row["backbone"], where=where, datasets=[dataset], dtype=np.float32, columns=columns)
-    if cells.empty:
-        raise UserError(f"--where {where!r} selects no cells of dataset {dataset!r}")
-    if X.shape[1] != int(manifest["dim"]):
-        raise UserError(f"model {model!r} takes {manifest['dim']} features, the embeddings have {X.shape[1]}: "
-                        "re-extract the dataset with the model's settings")
-    t_predict = time.perf_counter()
-    proba = np.empty(len(X), dtype=np.float64)
-    with progress_bar(f"predict {model} · {dataset}", total=len(X), enabled=show_progress) as advance, \
-            threadpool_limits(limits=1):
-        for lo in range(0, len(X), BATCH_ROWS):
-            hi = min(lo + BATCH_ROWS, len(X))
-            proba[lo:hi] = positive_proba(estimator, X[lo:hi])
-            advance(hi - lo)
-    threshold = float(manifest.get("threshold", 0.5))
+    notes = []
+    if run is not None:
+        from .lora import fold_probabilities
+
+        if check_outputs is not None:
+            check_outputs()
+        cells = store.cells(where, datasets=[dataset], columns=columns)
+        if cells.empty:
+            raise UserError(f"--where {where!r} selects no cells of dataset {dataset!r}")
+        if dataset in set(run["datasets"]):
+            notes.append(f"{dataset} is in the cohort of LoRA run {model}: each fold's adapters were trained on some "
+                         "of its cells, so these predictions are partly in-sample (optimistic)")
+        t_load = t_predict = time.perf_counter()
+        folds, _ = fold_probabilities(store, run, dataset, cells, model_dir, device=device, batch_size=batch_size)
+        proba = folds.mean(axis=0)
+        if run["positive_label"] == "sensitive":
+            proba = 1.0 - proba
+        threshold = 0.5
+        notes.append(f"LoRA run {model}: the mean probability of its {len(folds)} folds' adapters and heads")
+    else:
+        check_compatible(store, row, dataset)
+        estimator, manifest = load_model(store, row)
+        if check_outputs is not None:
+            check_outputs()
+        if dataset in set(row["datasets"]):
+            notes.append(f"{dataset} is one of the datasets model {model!r} was fitted on: predictions of its "
+                         "training cells are in-sample (optimistic); its cross-validated scores are in "
+                         "'scdrugmap models'")
+        t_load = time.perf_counter()
+        X, cells = store.load(row["backbone"], where=where, datasets=[dataset], dtype=np.float32, columns=columns)
+        if cells.empty:
+            raise UserError(f"--where {where!r} selects no cells of dataset {dataset!r}")
+        if X.shape[1] != int(manifest["dim"]):
+            raise UserError(f"model {model!r} takes {manifest['dim']} features, the embeddings have {X.shape[1]}: "
+                            "re-extract the dataset with the model's settings")
+        t_predict = time.perf_counter()
+        proba = np.empty(len(X), dtype=np.float64)
+        with progress_bar(f"predict {model} · {dataset}", total=len(X), enabled=show_progress) as advance, \
+                threadpool_limits(limits=1):
+            for lo in range(0, len(X), BATCH_ROWS):
+                hi = min(lo + BATCH_ROWS, len(X))
+                proba[lo:hi] = positive_proba(estimator, X[lo:hi])
+                advance(hi - lo)
+        threshold = float(manifest.get("threshold", 0.5))
     call = np.where(proba >= threshold, "resistant", "sensitive")
     out = cells[["dataset", "row", *columns]].copy()
     out["probability"] = proba.astype(np.float32)

@@ -337,7 +337,7 @@ def _merge_index(merged: Store, stores: dict, ds_side: dict, prov_side: dict, ru
             con.execute(f"INSERT INTO models BY NAME SELECT * FROM {alias}.models WHERE list_contains(?, name)",
                         [heads])
             # predictions of a kept head (from either side when both hold it), not of a dataset version left out
-            usable = [n for n, s in head_side.items() if s == side or n in head_shared]
+            usable = [n for n, s in head_side.items() if s == side or n in head_shared] + runs   # + LoRA runs
             foreign = [d for d in ds_conflict if ds_side[d] != side]
             con.execute(f"""INSERT INTO predictions BY NAME SELECT p.* FROM {alias}.predictions p
                             WHERE list_contains(?, p.model) AND NOT list_contains(?, p.dataset)
