@@ -19,6 +19,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..store.store import Store
+from .params import canonical as _canonical
 
 FOLDER = "finetune"
 RUN_SETTINGS = ("workers", "batch_size")
@@ -67,8 +68,6 @@ def fold_probabilities(store: Store, run: dict, dataset: str, cells, model_dir, 
     if sha != params.get("checkpoint_sha256"):
         raise UserError(f"--model-dir {model_dir} holds checkpoint {str(sha)[:12]}, LoRA run {run['run_id']} was "
                         f"fine-tuned from checkpoint {str(params.get('checkpoint_sha256'))[:12]}: give that checkpoint")
-    from .predict import _canonical
-
     mine = json.loads(json.dumps(model.params(), default=str))
     differ = sorted(k for k in set(mine) | set(stored) if k not in RUN_SETTINGS
                     and _canonical(mine.get(k)) != _canonical(stored.get(k)))

@@ -29,6 +29,7 @@ from ..progress import progress_bar
 from ..store.common import now
 from ..store.store import Store
 from .models import load_model, model_row
+from .params import canonical as _canonical
 from .serialize import positive_proba
 
 # provenance params that are facts about one dataset, not settings of the backbone
@@ -94,21 +95,6 @@ def provenance_mismatch(trained: dict, new: dict, backbone: str, dataset: str) -
         return (f"{backbone}'s embeddings of {dataset} were made with other preprocessing than the head's training "
                 f"embeddings ({shown}{more})")
     return None
-
-
-def _canonical(value) -> str:
-    """A parameter as compared: local file paths by their file name only (the same checkpoint in
-    another folder, or a store whose paths were stripped by 'store pack --strip-paths')."""
-    def strip(v):
-        if isinstance(v, str) and "\n" not in v and (v.startswith(("/", "~", "\\\\")) or v[1:3] in (":\\", ":/")):
-            return v.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1]
-        if isinstance(v, list):
-            return [strip(x) for x in v]
-        if isinstance(v, dict):
-            return {k: strip(x) for k, x in v.items()}
-        return v
-
-    return json.dumps(strip(value), sort_keys=True)
 
 
 def _short(value) -> str:
