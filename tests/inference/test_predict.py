@@ -265,3 +265,24 @@ def test_real_glioblastoma_held_out_patient(gbm, cli, tmp_path):
     patient = result.summary[result.summary["level"] == "patient"].iloc[0]
     assert patient["group"] == "PW040" and patient["n_cells"] == 1000
     assert patient["ci_low"] < patient["mean_probability"] < patient["ci_high"]
+
+
+def test_strip_paths_strips_the_models_provenance_and_predict_still_matches(store_copy, cli, tmp_path):
+    """A checkpoint folder recorded in provenance: --strip-paths keeps its name only, in the model's
+    copy too, and the stripped store still predicts (paths are compared by file name)."""
+    path = store_copy()
+    with duckdb.connect(str(path / "index.duckdb")) as con:
+        con.execute("""UPDATE provenance SET params = json_merge_patch(params, '{"model_dir": "/home/lab-a/ckpt"}')""")
+    cli.ok("fit", "--store", path, "--backbone", "pca", "--where", TRAIN, "--name", "m")
+    assert "/home/lab-a" in Store.open(path).sql("SELECT provenance FROM models").iloc[0, 0]
+    cli.ok("store", "pack", path, tmp_path / "p.tar", "--strip-paths")
+    cli.ok("store", "unpack", tmp_path / "p.tar", tmp_path / "there")
+    there = Store.open(tmp_path / "there")
+    provenance = json.loads(there.sql("SELECT provenance FROM models").iloc[0, 0])
+    assert "/home/lab-a" not in json.dumps(provenance)
+    assert json.loads(provenance["SimData1"]["params"])["model_dir"] == "ckpt"
+    # the receiving lab's checkpoint lives elsewhere: same file name, so the same checkpoint
+    with duckdb.connect(str(tmp_path / "there" / "index.duckdb")) as con:
+        con.execute("""UPDATE provenance SET params = json_merge_patch(params, '{"model_dir": "/srv/b/ckpt"}')
+                       WHERE dataset = ?""", [NEW])
+    cli.ok("predict", "--store", tmp_path / "there", "--model", "m", "--dataset", NEW)
