@@ -68,6 +68,11 @@ def test_fit_records_provenance_and_the_cv_scores_of_the_same_configuration(stor
     # another seed is another configuration: no CV scores claimed for it
     cli.ok("fit", "--store", path, "--backbone", "pca", "--head", "lr", "--name", "s1", "--seed", "1")
     assert json.loads(Store.open(path).sql("SELECT cv_scores FROM models WHERE name = 's1'").iloc[0, 0]) == []
+    # --replace: the new head's folder replaces the old one
+    cli.ok("fit", "--store", path, "--backbone", "pca", "--head", "lgbm", "--name", "s1", "--replace")
+    assert Store.open(path).sql("SELECT head FROM models WHERE name = 's1'")["head"].tolist() == ["lgbm"]
+    assert [p.name[:3] for p in (path / "models" / "heads").iterdir()].count("s1-") == 1
+    cli.ok("store", "verify", path)
 
 
 def test_predict_cli_writes_files_and_summaries(store_copy, cli, tmp_path):
