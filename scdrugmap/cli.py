@@ -11,6 +11,7 @@ from ._version import __version__
 from .cli_common import (SEED, Main, open_store, parse_options, print_table, store_option,
                          verbose_option)
 from .cli_finetune import finetune
+from .cli_predict import fit, models, predict
 from .cli_store import export, import_embeddings, store_group
 from .store.constants import DEFAULT_CHUNK_ROWS
 
@@ -165,7 +166,7 @@ def backbones():
 def query(store_path, sql, csv_path, parquet_path, max_rows):
     """Run one read-only SQL SELECT on the store's index.
 
-    Tables: datasets, cells, provenance, probe_runs, probe_results, zero_shot_cache;
+    Tables: datasets, cells, provenance, probe_runs, probe_results, zero_shot_cache, models, predictions;
     view cohort (cells with their dataset's drug, cancer_type, tissue, therapy, regimen).
 
     \b
@@ -404,6 +405,9 @@ def demo(out, seed):
 
 
 main.add_command(finetune)
+main.add_command(fit)
+main.add_command(models)
+main.add_command(predict)
 main.add_command(store_group)   # store info/pack/verify/unpack/merge/migrate
 main.add_command(export)
 main.add_command(import_embeddings)

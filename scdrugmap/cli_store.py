@@ -252,7 +252,8 @@ def merge(a, b, into, prefer):
     r = do_merge(a, b, into, prefer=prefer)
     click.echo(f"merged {a} and {b} into {r.into}: {_n(len(r.datasets), 'dataset')}, "
                f"{_n(len(r.backbones), 'backbone')} ({', '.join(r.backbones) or 'none'}), "
-               f"{_n(r.n_runs, 'probe run')} [{r.seconds:.1f} s]")
+               f"{_n(r.n_runs, 'probe run')}, {_n(len(r.models), 'model')} with {r.n_predictions:,} predictions "
+               f"[{r.seconds:.1f} s]")
     for c in r.resolved:
         click.echo(f"conflict resolved for {prefer.upper()}: {c}")
     for run in r.dropped_runs:

@@ -7,6 +7,8 @@ checksum of its own is read and checked.
   with ``provenance`` (shape, dtype, chunking), and every chunk read, its CRC-32C checked
   (arrays written before checksums existed can only be decoded, and are listed as such).
 * ``models/*.npz`` (e.g. the PCA fit): every member read, its zip CRC-32 checked.
+* every saved head (``models`` table, ``scdrugmap fit``): its manifest has the sha256 the index
+  recorded, and every file of the head the size and sha256 of the manifest (:mod:`.heads`).
 
 What this proves is that nothing was damaged since it was written: it does not prove who
 wrote it. For that, verify a pack against the manifest digest its sender published
@@ -26,6 +28,7 @@ import numpy as np
 from ..errors import UserError
 from . import arrays
 from .common import EMBEDDINGS, INDEX, first_line
+from .heads import HEADS_DIR, check_head_folder
 from .store import Store
 
 MAX_LISTED = 10
@@ -116,6 +119,29 @@ def _check_models(store: Store, report: StoreCheck) -> None:
         report.n_bytes += path.stat().st_size
 
 
+def _check_heads(store: Store, report: StoreCheck) -> None:
+    with store.connect() as con:
+        try:
+            rows = con.execute("SELECT name, folder, manifest_sha256 FROM models ORDER BY name").fetchall()
+        except duckdb.CatalogException:             # an index from before the models table (migrated on open)
+            rows = []
+    known = set()
+    for name, folder, digest in rows:
+        known.add(folder)
+        manifest, problems = check_head_folder(store.path, folder, digest)
+        report.problems.extend(f"model {name!r}: {p}" for p in problems)
+        if manifest is not None and not problems:
+            report.n_files += 1 + len(manifest["files"])
+            report.n_bytes += _size(store.path / folder)
+    root = store.path / HEADS_DIR
+    stray = sorted(p.name for p in root.iterdir() if not p.name.startswith(".")
+                   and f"{HEADS_DIR}/{p.name}" not in known) if root.is_dir() else []
+    if stray:
+        report.notes.append(f"{len(stray)} folder(s) under {HEADS_DIR}/ belong to no model in the index "
+                            f"({', '.join(stray[:5])}): left over from an interrupted 'scdrugmap fit'; they are "
+                            "never read")
+
+
 def verify_store(path) -> StoreCheck:
     """Check every checksummed byte of the store at ``path`` (see the module docstring)."""
     t0 = time.perf_counter()
@@ -128,6 +154,7 @@ def verify_store(path) -> StoreCheck:
                         "a pack")
     if _check_index(store, report):
         _check_arrays(store, report)
+        _check_heads(store, report)
     _check_models(store, report)
     finetune = store.path / "finetune"
     if finetune.is_dir():

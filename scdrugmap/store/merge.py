@@ -9,6 +9,12 @@ dtype, origin); anything else is a *conflict*. Conflicts are all listed in one e
 dataset (with its embeddings) or of that embedding is left out, and so are its probe runs
 that used it. The new store is built in a temporary sibling directory and moved into place
 at the end, so a failed merge leaves nothing behind.
+
+Saved heads (``scdrugmap fit``: ``models`` rows and their ``models/heads/`` folders) travel
+with their predictions. The same model name in both stores must be the same head (same
+manifest sha256), else it is a conflict; a kept model takes its own side's predictions (and
+the other side's too when both hold the identical head), except predictions of a dataset
+whose other version was kept.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from .schema import CELL_CORE_COLUMNS, COHORT_VIEW
 from .common import INDEX, DiskError, disk_errno, is_url, local_path, now
 from .locks import wait_for_index, work_dir
 from .common import first_line as _first_line
+from .heads import HEADS_DIR
 from .store import Store
 
 # what makes two ingests of a dataset the same (besides the name)
@@ -52,6 +59,8 @@ class MergeReport:
     resolved: list = field(default_factory=list)     # conflicts settled by --prefer
     dropped_runs: list = field(default_factory=list)
     warnings: list = field(default_factory=list)
+    models: list = field(default_factory=list)
+    n_predictions: int = 0
     seconds: float = 0.0
 
 
@@ -136,6 +145,7 @@ def merge(a, b, into, prefer: str | None = None) -> MergeReport:
         "provenance": {(r["backbone"], r["dataset"]): r for r in _rows(s, "SELECT * FROM provenance")},
         "runs": {r["run_id"]: r for r in _rows(s, "SELECT * FROM probe_runs")},
         "models": _model_files(s),
+        "heads": {r["name"]: r for r in _rows(s, "SELECT * FROM models")},
     } for side, s in stores.items()}
     conflicts: list[str] = []
 
@@ -178,9 +188,27 @@ def merge(a, b, into, prefer: str | None = None) -> MergeReport:
         else:
             prov_side[key] = "A" if rows["A"] else "B"
 
-    # model files (e.g. PCA fits): same path must hold the same bytes
+    # saved heads: the same name must be the same head (its manifest's sha256 covers every file)
+    head_side, head_shared = {}, set()
+    for name in sorted(set(data["A"]["heads"]) | set(data["B"]["heads"])):
+        rows = {side: data[side]["heads"].get(name) for side in SIDES}
+        if rows["A"] and rows["B"]:
+            if rows["A"]["manifest_sha256"] != rows["B"]["manifest_sha256"]:
+                conflicts.append(f"model {name!r}: a different head in each store")
+            else:
+                head_shared.add(name)
+            head_side[name] = prefer or "A"
+        else:
+            head_side[name] = "A" if rows["A"] else "B"
+
+    # model files (e.g. PCA fits): same path must hold the same bytes; a head's files go with its model
     model_side = {}
     for rel in sorted(set(data["A"]["models"]) | set(data["B"]["models"])):
+        if rel.startswith(HEADS_DIR + "/"):
+            for name, side in head_side.items():
+                if rel in data[side]["models"] and rel.startswith(data[side]["heads"][name]["folder"] + "/"):
+                    model_side[rel] = side
+            continue
         paths = {side: data[side]["models"].get(rel) for side in SIDES}
         if paths["A"] and paths["B"]:
             if _sha(paths["A"]) != _sha(paths["B"]):
@@ -224,7 +252,8 @@ def merge(a, b, into, prefer: str | None = None) -> MergeReport:
         with work_dir(into, "merging") as work:
             staging = work / "store"
             merged = Store.create(staging)
-            _merge_index(merged, stores, ds_side, prov_side, run_side, prefer or "A")
+            n_predictions = _merge_index(merged, stores, ds_side, prov_side, run_side, prefer or "A", head_side,
+                                         head_shared, ds_conflict)
             for key, side in prov_side.items():
                 rel = data[side]["provenance"][key]["array_path"]
                 shutil.copytree(stores[side].embeddings_path / rel, merged.embeddings_path / rel)
@@ -241,7 +270,8 @@ def merge(a, b, into, prefer: str | None = None) -> MergeReport:
             raise DiskError(code, into, "writing the merged store") from None
         raise
     return MergeReport(into, sorted(ds_side), sorted({k[0] for k in prov_side}), len(run_side),
-                       conflicts, dropped, warnings, time.perf_counter() - t0)
+                       conflicts, dropped, warnings, models=sorted(head_side), n_predictions=n_predictions,
+                       seconds=time.perf_counter() - t0)
 
 
 def _space_warnings(provenance: dict) -> list[str]:
@@ -259,7 +289,8 @@ def _cell_columns(con, alias: str) -> list[tuple[str, str]]:
                         "AND table_name = 'cells' ORDER BY column_index", [alias]).fetchall()
 
 
-def _merge_index(merged: Store, stores: dict, ds_side: dict, prov_side: dict, run_side: dict, first: str) -> None:
+def _merge_index(merged: Store, stores: dict, ds_side: dict, prov_side: dict, run_side: dict, first: str,
+                 head_side: dict, head_shared: set, ds_conflict: set) -> int:
     aliases = {"A": "src_a", "B": "src_b"}
     try:
         con = duckdb.connect(str(merged.index_path))
@@ -302,10 +333,23 @@ def _merge_index(merged: Store, stores: dict, ds_side: dict, prov_side: dict, ru
                         "WHERE list_contains(?, run_id)", [runs])
             con.execute(f"INSERT INTO zero_shot_cache BY NAME SELECT * FROM {alias}.zero_shot_cache "
                         "WHERE key NOT IN (SELECT key FROM zero_shot_cache)")
+            heads = [n for n, s in head_side.items() if s == side]
+            con.execute(f"INSERT INTO models BY NAME SELECT * FROM {alias}.models WHERE list_contains(?, name)",
+                        [heads])
+            # predictions of a kept head (from either side when both hold it), not of a dataset version left out
+            usable = [n for n, s in head_side.items() if s == side or n in head_shared] + runs   # + LoRA runs
+            foreign = [d for d in ds_conflict if ds_side[d] != side]
+            con.execute(f"""INSERT INTO predictions BY NAME SELECT p.* FROM {alias}.predictions p
+                            WHERE list_contains(?, p.model) AND NOT list_contains(?, p.dataset)
+                            AND NOT EXISTS (SELECT 1 FROM predictions q WHERE q.model = p.model
+                                            AND q.dataset = p.dataset AND q."row" = p."row")""",
+                        [usable, foreign])
         con.execute(COHORT_VIEW)
         con.execute("INSERT INTO meta VALUES ('merged_at', ?)", [now().isoformat()])
+        n_predictions = con.execute("SELECT count(*) FROM predictions").fetchone()[0]
         con.execute("COMMIT")
         for alias in aliases.values():
             con.execute(f"DETACH {alias}")
     finally:
         con.close()
+    return int(n_predictions)

@@ -196,6 +196,17 @@ def strip_index_paths(index_path, dest) -> None:
                 if new != params:
                     cond = " AND ".join(f"{k} = ?" for k in keys)
                     con.execute(f"UPDATE {table} SET params = ? WHERE {cond}", [new, *key])
+        # saved heads (scdrugmap fit) keep their training datasets' provenance rows, params as JSON text
+        has_models = con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'models'").fetchone()[0]
+        for name, provenance in con.execute("SELECT name, provenance FROM models").fetchall() if has_models else []:
+            try:
+                rows = json.loads(provenance)
+                new = json.dumps({d: {**r, "params": _strip_json(r.get("params"))} for d, r in rows.items()},
+                                 sort_keys=True)
+            except (TypeError, ValueError, AttributeError):
+                continue
+            if new != provenance:
+                con.execute("UPDATE models SET provenance = ? WHERE name = ?", [new, name])
     with duckdb.connect() as con:
         con.execute("ATTACH ? AS src (READ_ONLY)", [str(index_path)])
         con.execute("ATTACH ? AS dst", [str(dest)])

@@ -23,6 +23,41 @@ ZERO_SHOT_CACHE_DDL = """CREATE TABLE IF NOT EXISTS zero_shot_cache (
         created_at TIMESTAMP NOT NULL
     )"""
 
+# Heads fitted on a whole cohort (scdrugmap fit): their files live in ``models/heads/<name>/``
+# (arrays in .npz, LightGBM's text model, and a manifest.json with each file's sha256).
+MODELS_DDL = """CREATE TABLE IF NOT EXISTS models (
+        name VARCHAR PRIMARY KEY,
+        created_at TIMESTAMP NOT NULL,
+        backbone VARCHAR NOT NULL,
+        head VARCHAR NOT NULL,
+        method VARCHAR NOT NULL,            -- frozen
+        where_sql VARCHAR,                  -- the cohort it was fitted on
+        datasets VARCHAR[] NOT NULL,
+        n_cells INTEGER NOT NULL,
+        n_sensitive INTEGER NOT NULL,
+        n_resistant INTEGER NOT NULL,
+        seed INTEGER NOT NULL,
+        dim INTEGER NOT NULL,
+        folder VARCHAR NOT NULL,            -- relative to the store: models/heads/<name>
+        manifest_sha256 VARCHAR NOT NULL,   -- sha256 of the folder's manifest.json
+        provenance VARCHAR NOT NULL,        -- JSON: the backbone's provenance of each training dataset
+        params VARCHAR NOT NULL,            -- JSON: the head's resolved parameters
+        cv_scores VARCHAR,                  -- JSON: the latest probe runs of the same configuration
+        scdrugmap_version VARCHAR NOT NULL
+    )"""
+
+# Per-cell output of scdrugmap predict: the probability of resistance and the call.
+PREDICTIONS_DDL = """CREATE TABLE IF NOT EXISTS predictions (
+        model VARCHAR NOT NULL,
+        dataset VARCHAR NOT NULL,
+        "row" INTEGER NOT NULL,
+        probability REAL NOT NULL,          -- P(resistant) from the model's head
+        call VARCHAR NOT NULL,              -- resistant (probability >= threshold) | sensitive
+        threshold REAL NOT NULL,
+        predicted_at TIMESTAMP NOT NULL,
+        PRIMARY KEY (model, dataset, "row")
+    )"""
+
 DDL = [
     """CREATE TABLE meta (key VARCHAR PRIMARY KEY, value VARCHAR)""",
     """CREATE TABLE datasets (
@@ -101,6 +136,8 @@ DDL = [
         PRIMARY KEY (run_id, split)
     )""",
     ZERO_SHOT_CACHE_DDL,
+    MODELS_DDL,
+    PREDICTIONS_DDL,
 ]
 
 METRIC_COLUMNS = (
