@@ -77,7 +77,11 @@ def build_report(store, out, metric: str = "f1", n_bootstrap: int = 200, ci_seed
     from ..probe.confidence import add_intervals
     from ..probe.run import leaderboard
 
+    from ..store.schema import METRIC_COLUMNS
+
     start = time.perf_counter()
+    if metric not in METRIC_COLUMNS:
+        raise UserError(f"unknown metric {metric!r}: use one of {', '.join(METRIC_COLUMNS)}")
     out = Path(out)
     if out.exists() and out.is_dir():
         raise UserError(f"--out {out} is a folder: give a file name such as report.html")

@@ -139,3 +139,20 @@ def test_report_in_a_real_browser(demo, browser, cli, tmp_path):  # noqa: F811
     images = _check_page(browser, out, (*SECTIONS, "predictions"), "report-predictions")
     assert "predictions per patient" in [a for a, *_ in images]
     assert "500 of 2,400 cells (seed 0)" in out.read_text()
+
+
+def test_report_mistakes_are_one_line_and_leave_the_store(cli, store_copy, tmp_path):
+    st = store_copy()
+    before = snapshot(st)
+    cli.fails("report", "--store", st, "--out", tmp_path / "missing" / "r.html", match="does not exist")
+    cli.fails("report", "--store", st, "--out", tmp_path, match="is a directory")
+    cli.fails("report", "--store", st, "--out", tmp_path / "r.html", "--metric", "nope", match="unknown metric")
+    cli.fails("leaderboard", "--store", st, "--bootstrap", "-1", match="--bootstrap")
+    assert snapshot(st) == before
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_leaderboard_prints_intervals(cli, small_store):
+    out = cli.ok("leaderboard", "--store", small_store, "--bootstrap", "50", "--ci-seed", "3").output
+    assert "f1_low" in out and "f1_high" in out
+    assert "f1_low" not in cli.ok("leaderboard", "--store", small_store).output
