@@ -157,7 +157,8 @@ def _curves(page, store, board) -> None:
             if len(s):
                 runs.append((f"{row.backbone} · {row.head}", s["label"].to_numpy(), s["score"].to_numpy()))
         if runs:
-            title = f"protocol {protocol} (split by {group_by}), cohort: {cohort or 'all cells'}"
+            split = "cell-level split (leaky)" if group_by == "none" else f"split by {group_by}"
+            title = f"protocol {protocol} ({split}), cohort: {cohort or 'all cells'}"
             page.figure(parts, figures.curves(runs, title), f"ROC and PR curves, {title}")
             drawn += 1
     if not drawn:
