@@ -12,6 +12,7 @@ from .cli_common import (SEED, Main, open_store, parse_options, print_table, sto
                          verbose_option)
 from .cli_finetune import finetune
 from .cli_predict import fit, models, predict
+from .cli_report import compare, report
 from .cli_store import export, import_embeddings, store_group
 from .store.constants import DEFAULT_CHUNK_ROWS
 
@@ -244,8 +245,11 @@ def probe(store_path, backbones, heads, protocols, group_by, where, seed, positi
 @click.option("--metric", default="f1", show_default=True, help="Metric to rank by.")
 @click.option("--protocol", type=click.Choice(["pooled", "cross", "zero-shot"]), help="Only this protocol.")
 @click.option("--where", "where_runs", help="SQL condition on probe_runs (e.g. \"head = 'lr'\").")
+@click.option("--bootstrap", default=0, show_default=True, type=click.IntRange(0),
+              help="Bootstrap replicates for 95 % intervals of the metric (0: none; e.g. 1000).")
+@click.option("--ci-seed", default=0, show_default=True, type=SEED, help="Seed of the bootstrap.")
 @verbose_option
-def leaderboard(store_path, metric, protocol, where_runs):
+def leaderboard(store_path, metric, protocol, where_runs, bootstrap, ci_seed):
     """Backbones x heads ranked by a metric (latest run of each configuration).
 
     One table per cohort (the runs' --where) and protocol, each ranked on its own: runs on
@@ -260,11 +264,16 @@ def leaderboard(store_path, metric, protocol, where_runs):
       scdrugmap leaderboard --store st
       scdrugmap leaderboard --store st --metric auroc --protocol cross
       scdrugmap leaderboard --store st --protocol zero-shot
+      scdrugmap leaderboard --store st --bootstrap 1000 --ci-seed 0
     """
     from .probe.run import LEAKY_NOTE, leaderboard_sections
     from .probe.run import leaderboard as board
 
-    frame = board(open_store(store_path), metric=metric, protocol=protocol, where=where_runs)
+    store = open_store(store_path)
+    frame = board(store, metric=metric, protocol=protocol, where=where_runs)
+    if bootstrap:
+        from .probe.confidence import add_intervals
+        frame = add_intervals(store, frame, metric, n=bootstrap, seed=ci_seed)
     for title, part in leaderboard_sections(frame, metric):
         print_table(part, title=title)
     if (frame["leaky"] == "yes").any():
@@ -316,6 +325,7 @@ def zero_shot(store_path, where, datasets, model, base_url, api_key, top_n, cell
       scdrugmap zero-shot --store st --where "cancer_type = 'Glioblastoma'" --max-cells 5000
       scdrugmap zero-shot --store st --base-url http://localhost:8000/v1 --model Qwen2.5-7B-Instruct --yes
       scdrugmap leaderboard --store st --protocol zero-shot
+      scdrugmap leaderboard --store st --bootstrap 1000 --ci-seed 0
     """
     from .zeroshot import run_zero_shot
 
@@ -408,6 +418,8 @@ main.add_command(finetune)
 main.add_command(fit)
 main.add_command(models)
 main.add_command(predict)
+main.add_command(compare)
+main.add_command(report)
 main.add_command(store_group)   # store info/pack/verify/unpack/merge/migrate
 main.add_command(export)
 main.add_command(import_embeddings)

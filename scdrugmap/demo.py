@@ -36,7 +36,7 @@ def demo_genes(n_genes: int = 2000) -> list[str]:
 # written into every demo output folder: only a folder holding it (and nothing but what the
 # demo writes) is replaced by the next demo
 MARKER = ".scdrugmap-demo"
-DEMO_ENTRIES = {MARKER, "data", "store"}
+DEMO_ENTRIES = {MARKER, "data", "store", "report.html"}
 
 
 def _prepare_out(out: Path) -> None:
@@ -79,6 +79,8 @@ def run_demo(out: Path, seed: int = 0, echo=print, table=None) -> Store:
         for head in ("lr", "lgbm", "mlp"):
             for protocol in ("pooled", "cross"):
                 run_probe(store, backbone, head=head, protocol=protocol, seed=seed, show_progress=False)
+    # the same cohort split by cell: the report's leakage gap
+    run_probe(store, "pca", head="lr", protocol="pooled", group_by="none", seed=seed, show_progress=False)
     echo("5/5 leaderboard")
     board = leaderboard(store, metric="f1")
     for title, part in leaderboard_sections(board, "F1 (resistant = positive)"):
@@ -87,6 +89,10 @@ def run_demo(out: Path, seed: int = 0, echo=print, table=None) -> Store:
         else:
             echo(title)
             echo(part.to_string(index=False))
+    from .report import build_report
+
+    info = build_report(store, out / "report.html", show_progress=False)
+    echo(f"report: {out / 'report.html'} ({info['figures']} figures, {info['bytes'] / 1e6:.1f} MB)")
     echo(f"done in {time.perf_counter() - start:.0f} s. Explore: scdrugmap query --store {out / 'store'} "
          "\"SELECT * FROM probe_runs\"")
     return store

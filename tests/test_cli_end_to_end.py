@@ -90,7 +90,9 @@ def test_leaderboard_bad_metric(cli, real_store):
 def test_demo_runs(cli, tmp_path):
     out = cli.ok("demo", "--out", tmp_path / "demo").output
     assert "Leaderboard by F1" in out and "5/5 leaderboard" in out
-    assert len(Store.open(tmp_path / "demo" / "store").sql("SELECT * FROM probe_runs")) == 12
+    # 2 backbones x 3 heads x 2 protocols, and one cell-level split for the report's leakage gap
+    assert len(Store.open(tmp_path / "demo" / "store").sql("SELECT * FROM probe_runs")) == 13
+    assert "report: " in out and (tmp_path / "demo" / "report.html").stat().st_size > 100_000
 
 
 def test_simulate_command_writes_ingestable_files(cli, tmp_path):

@@ -121,6 +121,7 @@ def _split_heads(data: CohortData, split: Split, heads: Sequence[str], seed: int
         # keep each distinct warning once instead of spamming the console per split
         record["warnings"] = list(dict.fromkeys(str(w.message).splitlines()[0] for w in caught))
         record["metrics"] = score(y_test, proba, positive=POSITIVE)
+        record["proba"] = np.asarray(proba, dtype=np.float32)  # out of fold, in split.test_idx order
         if len(np.unique(y_test)) < 2:
             record["status"] = "one-class-test"
             record["reason"] = (

@@ -51,6 +51,7 @@ class ProbeRun:
     stored: bool = True                            # False on a read-only (URL) store: printed only
     seconds: float = 0.0                           # its heads' work over all splits (summed over processes)
     load_seconds: float = 0.0                      # loading its backbone's embeddings (shared by a grid's runs)
+    predictions: pd.DataFrame | None = None        # out-of-fold scores (probe_predictions rows, no run_id)
 
     def summary_row(self) -> dict:
         ok = self.results[self.results["status"] != "one-class-train"]
@@ -125,7 +126,8 @@ def run_grid(store: Store, backbones, heads=("lr",), protocols=("pooled",), grou
                     run = ProbeRun(uuid.uuid4().hex[:12], backbone, head, protocol, cohort.group_by, len(cells),
                                    cohort.datasets, _results_frame(mine), list(cohort.notes),
                                    params={"head": resolved[head], "n_splits": n_splits},
-                                   seconds=sum(r["seconds"] for r in mine), load_seconds=load_seconds)
+                                   seconds=sum(r["seconds"] for r in mine), load_seconds=load_seconds,
+                                   predictions=_predictions_frame(mine, cohort.splits, cells, y))
                     if store.read_only:
                         # a URL store is read-only: the run is returned (and printed by the CLI), not stored
                         run.stored = False
@@ -191,6 +193,25 @@ def _results_frame(records: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=RESULT_COLUMNS)
 
 
+def _predictions_frame(records: list[dict], splits, cells: pd.DataFrame, y: np.ndarray) -> pd.DataFrame:
+    """The out-of-fold score of every held-out cell of every scored split (probe_predictions)."""
+    parts = []
+    for record, split in zip(records, splits):
+        if record.get("proba") is None:
+            continue
+        idx = split.test_idx
+        parts.append(pd.DataFrame({
+            "split": split.name, "dataset": cells["dataset"].to_numpy()[idx],
+            "row": cells["row"].to_numpy()[idx].astype(np.int32), "score": record["proba"].astype(np.float32),
+            "label": np.asarray(y)[idx].astype(np.uint8)}))
+    if not parts:
+        return pd.DataFrame(columns=PREDICTION_COLUMNS)
+    return pd.concat(parts, ignore_index=True)
+
+
+PREDICTION_COLUMNS = ["split", "dataset", "row", "score", "label"]
+
+
 def _save(store: Store, run: ProbeRun, where, seed, positive, replace: bool = False) -> None:
     """The run and its per-split results, in one transaction (shared with ``scdrugmap zero-shot``
     and ``scdrugmap finetune``); ``replace`` first drops a stored run with the same id."""
@@ -200,6 +221,7 @@ def _save(store: Store, run: ProbeRun, where, seed, positive, replace: bool = Fa
     with store.transaction() as con:
         if replace:
             con.execute("DELETE FROM probe_results WHERE run_id = ?", [run.run_id])
+            con.execute("DELETE FROM probe_predictions WHERE run_id = ?", [run.run_id])
             con.execute("DELETE FROM probe_runs WHERE run_id = ?", [run.run_id])
         con.execute("INSERT INTO probe_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [run.run_id, now(), run.backbone, run.head, run.method, run.protocol, run.group_by, where, seed,
@@ -209,6 +231,11 @@ def _save(store: Store, run: ProbeRun, where, seed, positive, replace: bool = Fa
         names = ", ".join(f'"{c}"' for c in columns)
         con.execute(f"INSERT INTO probe_results ({names}) SELECT {names} FROM incoming_results")
         con.unregister("incoming_results")
+        if run.predictions is not None and len(run.predictions):
+            con.register("incoming_predictions", run.predictions[PREDICTION_COLUMNS])
+            con.execute("INSERT INTO probe_predictions SELECT ?, split, dataset, \"row\", score, label "
+                        "FROM incoming_predictions", [run.run_id])
+            con.unregister("incoming_predictions")
 
 
 LEAKY_NOTE = ("leaky = cell-level split (group_by none): cells of one sample are in both train and test, so "

@@ -272,6 +272,7 @@ def _register(store: Store, dataset_row: dict, cells: pd.DataFrame, replace: boo
                 "SELECT run_id FROM probe_runs WHERE list_contains(datasets, ?)", [name]).fetchall()]
             if runs:
                 con.execute("DELETE FROM probe_results WHERE run_id IN (SELECT unnest(?))", [runs])
+                con.execute("DELETE FROM probe_predictions WHERE run_id IN (SELECT unnest(?))", [runs])
                 con.execute("DELETE FROM probe_runs WHERE run_id IN (SELECT unnest(?))", [runs])
             con.execute("DELETE FROM provenance WHERE dataset = ?", [name])
             con.execute("DELETE FROM cells WHERE dataset = ?", [name])

@@ -331,6 +331,10 @@ def _merge_index(merged: Store, stores: dict, ds_side: dict, prov_side: dict, ru
                         "WHERE list_contains(?, run_id)", [runs])
             con.execute(f"INSERT INTO probe_results BY NAME SELECT * FROM {alias}.probe_results "
                         "WHERE list_contains(?, run_id)", [runs])
+            if con.execute("SELECT 1 FROM duckdb_tables() WHERE database_name = ? AND table_name = "
+                           "'probe_predictions'", [alias]).fetchone():
+                con.execute(f"INSERT INTO probe_predictions BY NAME SELECT * FROM {alias}.probe_predictions "
+                            "WHERE list_contains(?, run_id)", [runs])
             con.execute(f"INSERT INTO zero_shot_cache BY NAME SELECT * FROM {alias}.zero_shot_cache "
                         "WHERE key NOT IN (SELECT key FROM zero_shot_cache)")
             heads = [n for n, s in head_side.items() if s == side]

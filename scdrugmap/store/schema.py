@@ -57,6 +57,18 @@ PREDICTIONS_DDL = """CREATE TABLE IF NOT EXISTS predictions (
         predicted_at TIMESTAMP NOT NULL,
         PRIMARY KEY (model, dataset, "row")
     )"""
+# Out-of-fold score of every held-out cell of every probe run, so that any metric, interval or
+# curve can be recomputed later. Kept small: the cell is its (dataset, row) key, the score a
+# REAL (4 bytes; DuckDB has no float16), the label 0/1 in a UTINYINT; DuckDB dictionary-
+# compresses the repeated run ids, splits and dataset names.
+PROBE_PREDICTIONS_DDL = """CREATE TABLE IF NOT EXISTS probe_predictions (
+    run_id VARCHAR NOT NULL,
+    split VARCHAR NOT NULL,
+    dataset VARCHAR NOT NULL,
+    "row" INTEGER NOT NULL,
+    score REAL NOT NULL,                -- probability of the positive class, out of fold
+    label UTINYINT NOT NULL             -- 1 = positive (the run's positive_label)
+)"""
 
 DDL = [
     """CREATE TABLE meta (key VARCHAR PRIMARY KEY, value VARCHAR)""",
@@ -135,6 +147,7 @@ DDL = [
         fit_seconds DOUBLE,
         PRIMARY KEY (run_id, split)
     )""",
+    PROBE_PREDICTIONS_DDL,
     ZERO_SHOT_CACHE_DDL,
     MODELS_DDL,
     PREDICTIONS_DDL,
