@@ -8,8 +8,8 @@ from pathlib import Path
 import click
 
 from ._version import __version__
-from .cli_common import (SEED, Main, open_store, parse_options, print_table, store_option,
-                         verbose_option)
+from .cli_common import (SEED, Main, echo_notes, emit_table, open_store, output_options, parse_options,
+                         print_json, print_table, save_csv, store_option, verbose_option)
 from .cli_finetune import finetune
 from .cli_store import export, import_embeddings, store_group
 from .store.constants import DEFAULT_CHUNK_ROWS
@@ -240,16 +240,23 @@ def probe(store_path, backbones, heads, protocols, group_by, where, seed, positi
 
 @main.command()
 @store_option
-@click.option("--metric", default="f1", show_default=True, help="Metric to rank by.")
+@click.option("--metric", default="f1", show_default=True,
+              help="Metric to rank by: f1, macro_f1, auroc, auprc, accuracy, balanced_accuracy, mcc, precision, "
+                   "recall.")
 @click.option("--protocol", type=click.Choice(["pooled", "cross", "zero-shot"]), help="Only this protocol.")
 @click.option("--where", "where_runs", help="SQL condition on probe_runs (e.g. \"head = 'lr'\").")
+@click.option("--all-runs", is_flag=True, help="Every stored run, with its date (default: the latest run of each "
+                                               "configuration, seed included).")
+@output_options
 @verbose_option
-def leaderboard(store_path, metric, protocol, where_runs):
+def leaderboard(store_path, metric, protocol, where_runs, all_runs, csv_path, as_json):
     """Backbones x heads ranked by a metric (latest run of each configuration).
 
     One table per cohort (the runs' --where) and protocol, each ranked on its own: runs on
-    other cells or under another protocol are not comparable. Cell-level (leaky) splits are
-    marked.
+    other cells or under another protocol are not comparable. A configuration is backbone,
+    method, head, protocol, grouping, cohort and seed: runs with different seeds are listed
+    side by side (column seed), and a rerun with the same seed replaces the earlier one
+    (--all-runs lists them all). Cell-level (leaky) splits are marked.
 
     Zero-shot runs (scdrugmap zero-shot) appear with backbone gpt-zero-shot and the
     model as head.
@@ -259,15 +266,21 @@ def leaderboard(store_path, metric, protocol, where_runs):
       scdrugmap leaderboard --store st
       scdrugmap leaderboard --store st --metric auroc --protocol cross
       scdrugmap leaderboard --store st --protocol zero-shot
+      scdrugmap leaderboard --store st --all-runs --where "backbone = 'pca'" --csv runs.csv
+      scdrugmap leaderboard --store st --json > leaderboard.json
     """
-    from .probe.run import LEAKY_NOTE, leaderboard_sections
-    from .probe.run import leaderboard as board
+    from .probe.leaderboard import LEAKY_NOTE, leaderboard_sections
+    from .probe.leaderboard import leaderboard as board
 
-    frame = board(open_store(store_path), metric=metric, protocol=protocol, where=where_runs)
-    for title, part in leaderboard_sections(frame, metric):
-        print_table(part, title=title)
+    frame = board(open_store(store_path), metric=metric, protocol=protocol, where=where_runs, all_runs=all_runs)
+    save_csv(frame, csv_path)
+    if as_json:
+        print_json(frame)
+    else:
+        for title, part in leaderboard_sections(frame, metric):
+            print_table(part, title=title)
     if (frame["leaky"] == "yes").any():
-        click.echo(f"note: {LEAKY_NOTE}", err=True)
+        echo_notes([LEAKY_NOTE])
 
 
 # ---- zero-shot ------------------------------------------------------------------------------

@@ -23,16 +23,15 @@ from ..errors import UserError
 from ..progress import progress_bar
 from ..store.schema import METRIC_COLUMNS
 from ..store.common import now
-from ..store.sql import check_condition, embed
 from ..store.store import Store
 from .evaluate import evaluate_heads
 from .heads import make_head
+from .leaderboard import (LEADERBOARD_PROTOCOLS, LEAKY_NOTE, leaderboard,  # noqa: F401 (their old home)
+                          leaderboard_sections)
 from .splits import cohort_splits
 
 PROTOCOLS = ("pooled", "cross")
 COHORT_COLUMNS = ("label", "sample", "patient")      # all that splits need (besides dataset, row)
-# protocols a stored run may have: the probe protocols plus ``scdrugmap zero-shot``'s
-LEADERBOARD_PROTOCOLS = (*PROTOCOLS, "zero-shot")
 
 
 @dataclass
@@ -209,56 +208,3 @@ def _save(store: Store, run: ProbeRun, where, seed, positive, replace: bool = Fa
         names = ", ".join(f'"{c}"' for c in columns)
         con.execute(f"INSERT INTO probe_results ({names}) SELECT {names} FROM incoming_results")
         con.unregister("incoming_results")
-
-
-LEAKY_NOTE = ("leaky = cell-level split (group_by none): cells of one sample are in both train and test, so "
-              "scores can reflect sample identity; compare such runs with grouped runs only with care")
-
-
-def leaderboard(store: Store, metric: str = "f1", protocol: str | None = None, where: str | None = None,
-                ) -> pd.DataFrame:
-    """Latest run of each (backbone, method, head, protocol, grouping, cohort), ranked by ``metric``
-    within its cohort and protocol: runs on other cells, or under another protocol, are not
-    comparable, so each (cohort, protocol) has its own ranks 1, 2, ... ``leaky`` marks
-    cell-level splits. ``cohort`` is the run's full ``--where`` ('' for all cells)."""
-    if metric not in METRIC_COLUMNS:
-        raise UserError(f"unknown metric {metric!r}: use one of {', '.join(METRIC_COLUMNS)}")
-    if protocol is not None and protocol not in LEADERBOARD_PROTOCOLS:
-        raise UserError(f"unknown protocol {protocol!r}: use one of {', '.join(LEADERBOARD_PROTOCOLS)}")
-    conditions, params = ["TRUE"], []
-    if protocol:
-        conditions.append("protocol = ?")
-        params.append(protocol)
-    if where:
-        conditions.append(embed(check_condition(where, "probe_runs", "--where")))
-    extra = "" if metric == "auroc" else ", avg(x.auroc) AS auroc"
-    query = f"""
-        WITH latest AS (
-            SELECT * FROM probe_runs WHERE {' AND '.join(conditions)}
-            QUALIFY row_number() OVER (PARTITION BY backbone, method, head, protocol, group_by,
-                                       coalesce(where_sql, '') ORDER BY created_at DESC) = 1)
-        SELECT coalesce(r.where_sql, '') AS cohort, r.protocol, r.backbone, r.method, r.head, r.group_by,
-               avg(x.{metric}) AS mean, stddev_samp(x.{metric}) AS std, count(x.{metric}) AS splits{extra},
-               r.n_cells AS cells, r.run_id
-        FROM latest r JOIN probe_results x USING (run_id)
-        WHERE x.status <> 'one-class-train'
-        GROUP BY ALL"""
-    frame = store.sql(query, params)
-    if frame.empty:
-        raise UserError("no probe results yet" + (" for this selection" if (protocol or where) else "")
-                        + ": run 'scdrugmap probe' or 'scdrugmap zero-shot' first")
-    frame = frame.sort_values(["cohort", "protocol", "mean", "backbone", "head"],
-                              ascending=[True, True, False, True, True], na_position="last", kind="stable")
-    frame.insert(2, "rank", frame.groupby(["cohort", "protocol"], sort=False).cumcount() + 1)
-    frame.insert(frame.columns.get_loc("group_by") + 1, "leaky",
-                 np.where((frame["protocol"] == "pooled") & (frame["group_by"] == "none"), "yes", ""))
-    frame = frame.rename(columns={"mean": metric, "std": f"{metric}_std"}).reset_index(drop=True)
-    return frame
-
-
-def leaderboard_sections(frame: pd.DataFrame, metric: str):
-    """``(title, table)`` per cohort and protocol of a :func:`leaderboard` frame, for printing
-    (``metric`` as the title names it, e.g. 'F1')."""
-    for (cohort, protocol), part in frame.groupby(["cohort", "protocol"], sort=False):
-        title = f"Leaderboard by {metric}: protocol {protocol}, cohort: {cohort if cohort else 'all cells'}"
-        yield title, part.drop(columns=["cohort", "protocol"])
