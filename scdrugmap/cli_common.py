@@ -102,13 +102,17 @@ def parse_options(pairs, flag: str = "--option") -> dict:
     return out
 
 
-def output_options(f):
-    """``--csv FILE`` and ``--json``, shared by the commands that print a table (see :func:`emit_table`)."""
-    f = click.option("--json", "as_json", is_flag=True,
-                     help="Print the rows as JSON on stdout instead of the table (full precision; notes stay on "
-                          "stderr).")(f)
-    return click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path),
-                        help="Also write every row to this CSV file (full precision).")(f)
+def output_options(f=None, *, csv_help: str | None = None, json_help: str | None = None):
+    """``--csv FILE`` and ``--json``, shared by the commands that print a table (see
+    :func:`emit_table`); ``@output_options`` or ``@output_options(csv_help=..., json_help=...)``."""
+    def decorate(f):
+        f = click.option("--json", "as_json", is_flag=True,
+                         help=json_help or "Print the rows as JSON on stdout instead of the table (full "
+                                           "precision; notes stay on stderr).")(f)
+        return click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path),
+                            help=csv_help or "Also write every row to this CSV file (full precision).")(f)
+
+    return decorate(f) if f is not None else decorate
 
 
 def save_csv(frame, csv_path: Path | None) -> None:

@@ -63,6 +63,22 @@ class ProbeRun:
         row["run_id"] = self.run_id
         return row
 
+    def summary_record(self) -> dict:
+        """:meth:`summary_row` as numbers (mean and std of each metric in columns of their own),
+        for ``--csv`` and ``--json``."""
+        ok = self.results[self.results["status"] != "one-class-train"]
+        row = {"backbone": self.backbone, "method": self.method, "head": self.head, "protocol": self.protocol,
+               "group_by": self.group_by, "cells": self.n_cells, "splits_scored": len(ok),
+               "splits": len(self.results)}
+        for metric in METRIC_COLUMNS:
+            values = ok[metric].dropna()
+            row[metric] = float(values.mean()) if len(values) else None
+            row[f"{metric}_std"] = float(values.std(ddof=1)) if len(values) > 1 else (0.0 if len(values) else None)
+        row["seconds"] = self.seconds
+        row["run_id"] = self.run_id
+        row["stored"] = self.stored
+        return row
+
 
 def run_probe(store: Store, backbone: str, head: str = "lr", protocol: str = "pooled", group_by: str = "auto",
               where: str | None = None, seed: int = 0, positive: str = "resistant", n_splits: int = 5,
@@ -96,9 +112,16 @@ def run_grid(store: Store, backbones, heads=("lr",), protocols=("pooled",), grou
     params = {head: dict((head_params or {}).get(head) or {}) for head in heads}
     resolved = {head: _resolved_params(make_head(head, seed=seed, **params[head])) for head in heads}
     cells = store.cells(where, columns=COHORT_COLUMNS)
+    coverage_notes = []
+    if where is None:
+        where, coverage_notes = covered_cohort(store, backbones, cells)
+        if where is not None:
+            cells = store.cells(where, columns=COHORT_COLUMNS)
     for backbone in backbones:                                   # a missing backbone fails before any work
         store._embedding_rows(backbone, cells)
     cohorts = {protocol: cohort_splits(cells, protocol, group_by, seed, positive, n_splits) for protocol in protocols}
+    for cohort in cohorts.values():
+        cohort.notes[:0] = coverage_notes
     splits = [split for protocol in protocols for split in cohorts[protocol].splits]
     owner = [protocol for protocol in protocols for _ in cohorts[protocol].splits]
     y = cohorts[protocols[0]].y
@@ -136,6 +159,40 @@ def run_grid(store: Store, backbones, heads=("lr",), protocols=("pooled",), grou
                     if on_run is not None:
                         on_run(run)
     return runs
+
+
+def covered_cohort(store: Store, backbones, cells: pd.DataFrame) -> tuple[str | None, list[str]]:
+    """Without ``--where``: the datasets every backbone has embeddings of, as a condition (None
+    when that is all of them) and notes naming each dataset left out, why, and how to include it.
+
+    A backbone with no embeddings at all is left to the usual error; if no dataset is covered by
+    every backbone, a one-line error says which backbone covers which."""
+    from ..store.store import embeddings_advice
+
+    prov = store.provenance()
+    present = list(dict.fromkeys(cells["dataset"]))
+    have = {b: prov[prov["backbone"] == b] for b in backbones}
+    if any(rows.empty for rows in have.values()):
+        return None, []
+    keep = [d for d in present if all(d in set(rows["dataset"]) for rows in have.values())]
+    if len(keep) == len(present):
+        return None, []
+    if not keep:
+        parts = "; ".join(f"{b}: {', '.join(sorted(set(rows['dataset']) & set(present)))}" for b, rows in have.items())
+        raise UserError(f"no dataset has embeddings of every backbone asked for ({parts}): probe the backbones "
+                        "one at a time, or give each the embeddings it lacks")
+    notes = []
+    for backbone, rows in have.items():
+        lacking = [d for d in present if d not in set(rows["dataset"])]
+        if lacking:
+            notes.append(f"backbone {backbone!r} has no embeddings of dataset(s) {', '.join(lacking)}: left out "
+                         f"(to include them, {embeddings_advice(backbone, lacking, rows)})")
+    where = "dataset IN (" + ", ".join("'" + d.replace("'", "''") + "'" for d in keep) + ")"
+    n_kept = int(cells["dataset"].isin(keep).sum())
+    notes.append(f"probed the {len(keep)} of {len(present)} datasets that "
+                 f"{'every backbone covers' if len(have) > 1 else 'have these embeddings'} "
+                 f"({n_kept:,} of {len(cells):,} cells); the runs are stored with --where \"{where}\"")
+    return where, notes
 
 
 @contextlib.contextmanager
