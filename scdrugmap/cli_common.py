@@ -160,17 +160,17 @@ def echo_notes(notes) -> None:
         click.echo(f"note: {note}", err=True)
 
 
+def stdout_is_terminal() -> bool:
+    return sys.stdout.isatty()
+
+
 def table_width() -> int | None:
-    """The width tables are laid out in: the terminal's on a terminal (``COLUMNS`` if set), else
-    ``COLUMNS`` if set, else None: as wide as the table needs, so a log or a pipe gets every
-    character of every cell on one line."""
-    import os
+    """The width tables are laid out in: on a terminal its width (``COLUMNS`` when set, as
+    ``shutil.get_terminal_size`` reads it); elsewhere (a pipe, a file, a log) None: as wide as the
+    table needs, so every cell stays whole on its row, whatever ``COLUMNS`` says."""
     import shutil
 
-    columns = os.environ.get("COLUMNS", "")
-    if columns.isdigit() and int(columns) > 0:
-        return int(columns)
-    if sys.stdout.isatty():
+    if stdout_is_terminal():
         return shutil.get_terminal_size((120, 24)).columns
     return None
 
