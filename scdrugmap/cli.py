@@ -8,8 +8,8 @@ from pathlib import Path
 import click
 
 from ._version import __version__
-from .cli_common import (SEED, Main, echo_notes, emit_table, open_store, output_options, parse_options,
-                         print_json, print_table, save_csv, store_option, verbose_option)
+from .cli_common import (SEED, Main, check_output_file, echo_notes, emit_table, open_store, output_options,
+                         parse_options, print_json, print_table, save_csv, store_option, verbose_option)
 from .cli_finetune import finetune
 from .cli_store import export, import_embeddings, store_group
 from .store.constants import DEFAULT_CHUNK_ROWS
@@ -235,6 +235,7 @@ def probe(store_path, backbones, heads, protocols, group_by, where, seed, positi
 
     from .probe.run import run_grid
 
+    check_output_file(csv_path)
     store = open_store(store_path)
     start = time.perf_counter()
     runs = run_grid(store, backbones, heads, protocols, group_by=group_by, where=where, seed=seed, positive=positive,

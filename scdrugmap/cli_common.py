@@ -115,6 +115,24 @@ def output_options(f=None, *, csv_help: str | None = None, json_help: str | None
     return decorate(f) if f is not None else decorate
 
 
+def check_output_file(path: Path | None) -> None:
+    """A one-line error now, before any work, when ``path`` cannot be written (a command that
+    stores results checks its ``--csv`` first, so a bad path leaves the store as it was)."""
+    import tempfile
+
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"cannot write {path}: it is a folder: give a file path")
+    parent = path.parent if str(path.parent) else Path(".")
+    try:
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".scdrugmap-check-"):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}: give a writable file path") from None
+
+
 def save_csv(frame, csv_path: Path | None) -> None:
     """Every row of ``frame`` to ``csv_path`` (full precision), when one is given."""
     if csv_path is None:

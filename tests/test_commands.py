@@ -144,6 +144,10 @@ def test_csv_to_an_unwritable_place_is_one_line(cli, real_store):
     before = snapshot(real_store)
     cli.fails("leaderboard", "--store", real_store, "--csv", "/proc/board.csv", match="cannot write /proc/board.csv")
     cli.fails("store", "info", real_store, "--csv", "/proc/nope/info.csv", match="cannot write")
+    cli.fails("probe", "--store", real_store, "--backbone", "pca", "--csv", "/proc/probe.csv", "--quiet",
+              match="cannot write /proc/probe.csv")                      # checked before any run is stored
+    cli.fails("probe", "--store", real_store, "--backbone", "pca", "--csv", real_store, "--quiet",
+              match="is a directory")
     assert snapshot(real_store) == before
 
 
@@ -239,7 +243,8 @@ def test_probe_uses_the_datasets_an_extracted_backbone_covers(cli, real_copy):
     assert "left out" not in cli.ok("probe", "--store", st, "--backbone", "hvg", "--quiet").stderr
 
 
-@pytest.mark.parametrize("case", ["where-selects-missing", "no-common-dataset", "unknown-backbone"])
+@pytest.mark.parametrize("case", ["where-selects-missing", "no-common-dataset", "unknown-backbone",
+                                  "cross-on-one-covered-dataset"])
 def test_coverage_refusals_are_one_line_and_touch_nothing(cli, real_copy, tmp_path, case):
     st = real_copy
     cli.ok("extract", "--store", st, "--backbone", "hvg", "--dataset", "pc9", "--quiet")
@@ -255,9 +260,14 @@ def test_coverage_refusals_are_one_line_and_touch_nothing(cli, real_copy, tmp_pa
         err = cli.fails("probe", "--store", st, "--backbone", "api-model", "--backbone", "hvg",
                         match="no dataset has embeddings of every backbone")
         assert "api-model: gbm" in err and "hvg: pc9" in err
+    elif case == "cross-on-one-covered-dataset":
+        err = cli.fails("probe", "--store", st, "--backbone", "hvg", "--protocol", "cross",
+                        match="needs at least 2 datasets")
+        assert "only the datasets with embeddings of every backbone asked for are probed: pc9" in err
     else:
         err = cli.fails("probe", "--store", st, "--backbone", "my-model", match="has no embeddings in this store")
-        assert "scdrugmap extract --backbone my-model" in err and "scdrugmap import-embeddings --backbone my-model" in err
+        assert "scdrugmap extract --backbone my-model" in err
+        assert "scdrugmap import-embeddings --backbone my-model" in err
     assert snapshot(st) == before
 
 

@@ -119,7 +119,15 @@ def run_grid(store: Store, backbones, heads=("lr",), protocols=("pooled",), grou
             cells = store.cells(where, columns=COHORT_COLUMNS)
     for backbone in backbones:                                   # a missing backbone fails before any work
         store._embedding_rows(backbone, cells)
-    cohorts = {protocol: cohort_splits(cells, protocol, group_by, seed, positive, n_splits) for protocol in protocols}
+    try:
+        cohorts = {protocol: cohort_splits(cells, protocol, group_by, seed, positive, n_splits)
+                   for protocol in protocols}
+    except UserError as e:
+        if not coverage_notes:
+            raise
+        covered = ", ".join(dict.fromkeys(cells["dataset"]))
+        raise UserError(f"{e} (without --where, only the datasets with embeddings of every backbone asked for "
+                        f"are probed: {covered})") from None
     for cohort in cohorts.values():
         cohort.notes[:0] = coverage_notes
     splits = [split for protocol in protocols for split in cohorts[protocol].splits]
