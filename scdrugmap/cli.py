@@ -8,8 +8,8 @@ from pathlib import Path
 import click
 
 from ._version import __version__
-from .cli_common import (SEED, Main, open_store, parse_options, print_table, store_option,
-                         verbose_option)
+from .cli_common import (SEED, Main, check_output_file, echo_notes, emit_table, open_store, output_options,
+                         parse_options, print_json, print_table, save_csv, store_option, verbose_option)
 from .cli_finetune import finetune
 from .cli_predict import fit, models, predict
 from .cli_report import compare, report
@@ -159,12 +159,13 @@ def backbones():
 @main.command()
 @store_option
 @click.argument("sql")
-@click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write a CSV.")
+@output_options(json_help="Print every row as JSON on stdout instead of the table.")
 @click.option("--parquet", "parquet_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write a Parquet file.")
-@click.option("--max-rows", default=50, show_default=True, help="Rows printed (files get all).")
+@click.option("--max-rows", default=50, show_default=True, help="Rows printed in the table (files and --json get "
+                                                                 "all).")
 @verbose_option
-def query(store_path, sql, csv_path, parquet_path, max_rows):
+def query(store_path, sql, csv_path, as_json, parquet_path, max_rows):
     """Run one read-only SQL SELECT on the store's index.
 
     Tables: datasets, cells, provenance, probe_runs, probe_results, zero_shot_cache, models, predictions;
@@ -174,14 +175,17 @@ def query(store_path, sql, csv_path, parquet_path, max_rows):
     Examples:
       scdrugmap query --store st "SELECT dataset, label, count(*) FROM cohort GROUP BY ALL"
       scdrugmap query --store st "SELECT * FROM provenance" --csv provenance.csv
+      scdrugmap query --store st "SELECT * FROM probe_runs" --json
       scdrugmap query --store s3://bucket/st "SELECT dataset, n_cells FROM datasets" --verbose
     """
     store = open_store(store_path)
     frame = store.sql(sql)
-    if csv_path:
-        frame.to_csv(csv_path, index=False)
+    save_csv(frame, csv_path)
     if parquet_path:
         frame.to_parquet(parquet_path, index=False)
+    if as_json:
+        print_json(frame)
+        return
     print_table(frame.head(max_rows))
     if len(frame) > max_rows:
         click.echo(f"... {len(frame) - max_rows:,} more rows ({len(frame):,} in all)")
@@ -206,12 +210,18 @@ def query(store_path, sql, csv_path, parquet_path, max_rows):
 @click.option("--jobs", default=1, show_default=True, type=click.IntRange(1),
               help="Splits fitted in parallel processes (one thread each).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
+@output_options
 @verbose_option
-def probe(store_path, backbones, heads, protocols, group_by, where, seed, positive, jobs, quiet):
+def probe(store_path, backbones, heads, protocols, group_by, where, seed, positive, jobs, quiet, csv_path, as_json):
     """Train heads on stored embeddings and score them (CPU only, no torch needed).
 
     Every run is stored (probe_runs, probe_results); the same seed gives the same results.
     On a store opened by URL (read-only) the results are printed, not stored.
+
+    Without --where, a backbone that has embeddings of only some datasets is probed on those
+    (with several backbones: on the datasets all of them cover, so the runs compare); a note
+    names each dataset left out and how to include it. With --where, every selected dataset
+    must have the embeddings.
 
     \b
     Examples:
@@ -219,6 +229,7 @@ def probe(store_path, backbones, heads, protocols, group_by, where, seed, positi
       scdrugmap probe --store https://host/st --backbone pca --where "dataset = 'gbm'" --verbose
       scdrugmap probe --store st --backbone hvg --protocol cross --where "therapy = 'Targeted therapy'"
       scdrugmap probe --store st --backbone pca --group-by none   # the paper's cell-level split
+      scdrugmap probe --store st --backbone pca --head lr --head mlp --csv probe.csv --quiet
     """
     import time
 
@@ -226,14 +237,15 @@ def probe(store_path, backbones, heads, protocols, group_by, where, seed, positi
 
     from .probe.run import run_grid
 
+    check_output_file(csv_path)
     store = open_store(store_path)
     start = time.perf_counter()
     runs = run_grid(store, backbones, heads, protocols, group_by=group_by, where=where, seed=seed, positive=positive,
                     n_jobs=jobs, show_progress=not quiet)
     wall = time.perf_counter() - start
-    for note in dict.fromkeys(note for run in runs for note in run.notes):
-        click.echo(f"note: {note}", err=True)
-    print_table(pd.DataFrame([run.summary_row() for run in runs]), title="Probe results (mean ± std over splits)")
+    echo_notes(note for run in runs for note in run.notes)
+    emit_table(pd.DataFrame([run.summary_record() for run in runs]), title="Probe results (mean ± std over splits)",
+               csv_path=csv_path, as_json=as_json, table=pd.DataFrame([run.summary_row() for run in runs]))
     loads = ", ".join(f"{run.backbone} {run.load_seconds:.1f} s" for run in {r.backbone: r for r in runs}.values())
     fits = sum(len(run.results) for run in runs)
     click.echo(f"{len(runs)} run(s), {fits} fits in {wall:.1f} s (--jobs {jobs}); embeddings loaded: {loads}; "
@@ -242,19 +254,26 @@ def probe(store_path, backbones, heads, protocols, group_by, where, seed, positi
 
 @main.command()
 @store_option
-@click.option("--metric", default="f1", show_default=True, help="Metric to rank by.")
+@click.option("--metric", default="f1", show_default=True,
+              help="Metric to rank by: f1, macro_f1, auroc, auprc, accuracy, balanced_accuracy, mcc, precision, "
+                   "recall.")
 @click.option("--protocol", type=click.Choice(["pooled", "cross", "zero-shot"]), help="Only this protocol.")
 @click.option("--where", "where_runs", help="SQL condition on probe_runs (e.g. \"head = 'lr'\").")
+@click.option("--all-runs", is_flag=True, help="Every stored run, with its date (default: the latest run of each "
+                                               "configuration, seed included).")
 @click.option("--bootstrap", default=0, show_default=True, type=click.IntRange(0),
               help="Bootstrap replicates for 95 % intervals of the metric (0: none; e.g. 1000).")
 @click.option("--ci-seed", default=0, show_default=True, type=SEED, help="Seed of the bootstrap.")
+@output_options
 @verbose_option
-def leaderboard(store_path, metric, protocol, where_runs, bootstrap, ci_seed):
+def leaderboard(store_path, metric, protocol, where_runs, all_runs, bootstrap, ci_seed, csv_path, as_json):
     """Backbones x heads ranked by a metric (latest run of each configuration).
 
     One table per cohort (the runs' --where) and protocol, each ranked on its own: runs on
-    other cells or under another protocol are not comparable. Cell-level (leaky) splits are
-    marked.
+    other cells or under another protocol are not comparable. A configuration is backbone,
+    method, head, protocol, grouping, cohort and seed: runs with different seeds are listed
+    side by side (column seed), and a rerun with the same seed replaces the earlier one
+    (--all-runs lists them all). Cell-level (leaky) splits are marked.
 
     Zero-shot runs (scdrugmap zero-shot) appear with backbone gpt-zero-shot and the
     model as head.
@@ -265,19 +284,25 @@ def leaderboard(store_path, metric, protocol, where_runs, bootstrap, ci_seed):
       scdrugmap leaderboard --store st --metric auroc --protocol cross
       scdrugmap leaderboard --store st --protocol zero-shot
       scdrugmap leaderboard --store st --bootstrap 1000 --ci-seed 0
+      scdrugmap leaderboard --store st --all-runs --where "backbone = 'pca'" --csv runs.csv
+      scdrugmap leaderboard --store st --json > leaderboard.json
     """
-    from .probe.run import LEAKY_NOTE, leaderboard_sections
-    from .probe.run import leaderboard as board
+    from .probe.leaderboard import LEAKY_NOTE, leaderboard_sections
+    from .probe.leaderboard import leaderboard as board
 
     store = open_store(store_path)
-    frame = board(store, metric=metric, protocol=protocol, where=where_runs)
+    frame = board(store, metric=metric, protocol=protocol, where=where_runs, all_runs=all_runs)
     if bootstrap:
         from .probe.confidence import add_intervals
         frame = add_intervals(store, frame, metric, n=bootstrap, seed=ci_seed)
-    for title, part in leaderboard_sections(frame, metric):
-        print_table(part, title=title)
+    save_csv(frame, csv_path)
+    if as_json:
+        print_json(frame)
+    else:
+        for title, part in leaderboard_sections(frame, metric):
+            print_table(part, title=title)
     if (frame["leaky"] == "yes").any():
-        click.echo(f"note: {LEAKY_NOTE}", err=True)
+        echo_notes([LEAKY_NOTE])
 
 
 # ---- zero-shot ------------------------------------------------------------------------------
@@ -342,8 +367,7 @@ def zero_shot(store_path, where, datasets, model, base_url, api_key, top_n, cell
                         seed=seed, positive=positive, concurrency=concurrency, max_cells=max_cells,
                         confirm=confirm, retries=retries, retry_delay=retry_delay, timeout=timeout,
                         show_progress=not quiet)
-    for note in run.notes:
-        click.echo(f"note: {note}", err=True)
+    echo_notes(run.notes)
     columns = ["split", "status", "n_test", "f1", "macro_f1", "auroc", "accuracy", "mcc", "reason"]
     frame = run.results[columns].rename(columns={"split": "dataset", "n_test": "cells scored"})
     print_table(frame, title=f"Zero-shot {model} (hard 0/1 answers, so AUROC = balanced accuracy)")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .cli_common import SEED, open_store, parse_options, print_table, store_option
+from .cli_common import SEED, echo_notes, open_store, parse_options, print_table, store_option
 
 
 @click.command()
@@ -73,7 +73,7 @@ def finetune(store_path, backbone, model_dir, protocols, group_by, where, rank, 
 
     store = open_store(store_path)
     opts = parse_options(options)
-    summaries = []
+    summaries, notes = [], []
     for protocol in protocols:
         run = run_finetune(store, backbone, model_dir=model_dir, protocol=protocol, group_by=group_by, where=where,
                            seed=seed, positive=positive, rank=rank, alpha=alpha, dropout=dropout,
@@ -81,10 +81,10 @@ def finetune(store_path, backbone, model_dir, protocols, group_by, where, rank, 
                            grad_accum=grad_accum, patience=patience, val_fraction=val_fraction, device=device,
                            options=opts, export_embeddings=export_embeddings, dtype=dtype, force=force,
                            show_progress=not quiet, echo=None if quiet else (lambda line: click.echo(line, err=True)))
-        for note in run.notes:
-            click.echo(f"note: {note}", err=True)
+        notes.extend(run.notes)
         summaries.append(run.summary_row())
         if export_embeddings:
             click.echo(f"fine-tuned embeddings: backbone '{backbone}+lora:{run.run_id}' "
                        f"(scdrugmap probe --backbone '{backbone}+lora:{run.run_id}')")
+    echo_notes(notes)                 # each note once, however many protocols share it
     print_table(pd.DataFrame(summaries), title="LoRA fine-tuning results (mean ± std over splits)")

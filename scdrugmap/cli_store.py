@@ -10,7 +10,8 @@ from pathlib import Path
 
 import click
 
-from .cli_common import StoreLocation, open_store, parse_options, print_table, store_option, verbose_option
+from .cli_common import (StoreLocation, open_store, output_options, parse_options, print_table, save_csv,
+                         store_option, verbose_option)
 from .errors import UserError
 
 
@@ -49,9 +50,11 @@ def store_group():
 # ---- info -----------------------------------------------------------------------------------
 @store_group.command("info")
 @click.argument("location", type=StoreLocation())
-@click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
+@output_options(json_help="Print everything as JSON (one object: datasets, backbones, sizes, leftovers).",
+                csv_help="Also write the datasets table (one row per dataset, with the backbones that have "
+                         "embeddings of it) to this CSV file.")
 @verbose_option
-def info(location, as_json):
+def info(location, as_json, csv_path):
     """Datasets, cells, backbones (dims, dtypes, sizes, origin), results, schema version of a store.
 
     LOCATION is a store directory, a store URL, or a pack (.tar / .tar.zst: only its
@@ -62,6 +65,7 @@ def info(location, as_json):
       scdrugmap store info st
       scdrugmap store info st.tar
       scdrugmap store info s3://bucket/st --json
+      scdrugmap store info st --csv datasets.csv
     """
     from .store.info import pack_info, store_info
     from .store.pack import read_manifest, source_kind
@@ -70,10 +74,20 @@ def info(location, as_json):
         data = pack_info(read_manifest(location), location, source_kind(location))
     else:
         data = store_info(open_store(location))
+    save_csv(_datasets_frame(data), csv_path)
     if as_json:
         click.echo(json.dumps(data, indent=1, default=str))
         return
     _print_info(data)
+
+
+def _datasets_frame(data: dict):
+    """The datasets table of a ``store info`` dict (lists, e.g. its backbones, as 'a, b')."""
+    import pandas as pd
+
+    rows = [{k: (", ".join(map(str, v)) if isinstance(v, list) else v) for k, v in d.items()}
+            for d in data["datasets"]]
+    return pd.DataFrame(rows, columns=list(data["datasets"][0]) if data["datasets"] else ["dataset"])
 
 
 def _print_info(data: dict) -> None:
@@ -105,7 +119,7 @@ def _print_info(data: dict) -> None:
             click.echo(f"unpacked from a pack made at {m.get('created_at')} by scdrugmap {m.get('scdrugmap_version')} "
                        "('scdrugmap store verify' tells whether it changed since)")
     if data["datasets"]:
-        print_table(pd.DataFrame(data["datasets"]), title="Datasets")
+        print_table(_datasets_frame(data), title="Datasets")
     if data["backbones"]:
         frame = pd.DataFrame(data["backbones"])
         if "bytes" in frame:

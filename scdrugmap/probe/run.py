@@ -23,16 +23,15 @@ from ..errors import UserError
 from ..progress import progress_bar
 from ..store.schema import METRIC_COLUMNS
 from ..store.common import now
-from ..store.sql import check_condition, embed
 from ..store.store import Store
 from .evaluate import evaluate_heads
 from .heads import make_head
+from .leaderboard import (LEADERBOARD_PROTOCOLS, LEAKY_NOTE, leaderboard,  # noqa: F401 (their old home)
+                          leaderboard_sections)
 from .splits import cohort_splits
 
 PROTOCOLS = ("pooled", "cross")
 COHORT_COLUMNS = ("label", "sample", "patient")      # all that splits need (besides dataset, row)
-# protocols a stored run may have: the probe protocols plus ``scdrugmap zero-shot``'s
-LEADERBOARD_PROTOCOLS = (*PROTOCOLS, "zero-shot")
 
 
 @dataclass
@@ -63,6 +62,22 @@ class ProbeRun:
                            if len(values) else "n/a")
         row["seconds"] = round(self.seconds, 1)
         row["run_id"] = self.run_id
+        return row
+
+    def summary_record(self) -> dict:
+        """:meth:`summary_row` as numbers (mean and std of each metric in columns of their own),
+        for ``--csv`` and ``--json``."""
+        ok = self.results[self.results["status"] != "one-class-train"]
+        row = {"backbone": self.backbone, "method": self.method, "head": self.head, "protocol": self.protocol,
+               "group_by": self.group_by, "cells": self.n_cells, "splits_scored": len(ok),
+               "splits": len(self.results)}
+        for metric in METRIC_COLUMNS:
+            values = ok[metric].dropna()
+            row[metric] = float(values.mean()) if len(values) else None
+            row[f"{metric}_std"] = float(values.std(ddof=1)) if len(values) > 1 else (0.0 if len(values) else None)
+        row["seconds"] = self.seconds
+        row["run_id"] = self.run_id
+        row["stored"] = self.stored
         return row
 
 
@@ -98,9 +113,24 @@ def run_grid(store: Store, backbones, heads=("lr",), protocols=("pooled",), grou
     params = {head: dict((head_params or {}).get(head) or {}) for head in heads}
     resolved = {head: _resolved_params(make_head(head, seed=seed, **params[head])) for head in heads}
     cells = store.cells(where, columns=COHORT_COLUMNS)
+    coverage_notes = []
+    if where is None:
+        where, coverage_notes = covered_cohort(store, backbones, cells)
+        if where is not None:
+            cells = store.cells(where, columns=COHORT_COLUMNS)
     for backbone in backbones:                                   # a missing backbone fails before any work
         store._embedding_rows(backbone, cells)
-    cohorts = {protocol: cohort_splits(cells, protocol, group_by, seed, positive, n_splits) for protocol in protocols}
+    try:
+        cohorts = {protocol: cohort_splits(cells, protocol, group_by, seed, positive, n_splits)
+                   for protocol in protocols}
+    except UserError as e:
+        if not coverage_notes:
+            raise
+        covered = ", ".join(dict.fromkeys(cells["dataset"]))
+        raise UserError(f"{e} (without --where, only the datasets with embeddings of every backbone asked for "
+                        f"are probed: {covered})") from None
+    for cohort in cohorts.values():
+        cohort.notes[:0] = coverage_notes
     splits = [split for protocol in protocols for split in cohorts[protocol].splits]
     owner = [protocol for protocol in protocols for _ in cohorts[protocol].splits]
     y = cohorts[protocols[0]].y
@@ -139,6 +169,40 @@ def run_grid(store: Store, backbones, heads=("lr",), protocols=("pooled",), grou
                     if on_run is not None:
                         on_run(run)
     return runs
+
+
+def covered_cohort(store: Store, backbones, cells: pd.DataFrame) -> tuple[str | None, list[str]]:
+    """Without ``--where``: the datasets every backbone has embeddings of, as a condition (None
+    when that is all of them) and notes naming each dataset left out, why, and how to include it.
+
+    A backbone with no embeddings at all is left to the usual error; if no dataset is covered by
+    every backbone, a one-line error says which backbone covers which."""
+    from ..store.store import embeddings_advice
+
+    prov = store.provenance()
+    present = list(dict.fromkeys(cells["dataset"]))
+    have = {b: prov[prov["backbone"] == b] for b in backbones}
+    if any(rows.empty for rows in have.values()):
+        return None, []
+    keep = [d for d in present if all(d in set(rows["dataset"]) for rows in have.values())]
+    if len(keep) == len(present):
+        return None, []
+    if not keep:
+        parts = "; ".join(f"{b}: {', '.join(sorted(set(rows['dataset']) & set(present)))}" for b, rows in have.items())
+        raise UserError(f"no dataset has embeddings of every backbone asked for ({parts}): probe the backbones "
+                        "one at a time, or give each the embeddings it lacks")
+    notes = []
+    for backbone, rows in have.items():
+        lacking = [d for d in present if d not in set(rows["dataset"])]
+        if lacking:
+            notes.append(f"backbone {backbone!r} has no embeddings of dataset(s) {', '.join(lacking)}: left out "
+                         f"(to include them, {embeddings_advice(backbone, lacking, rows)})")
+    where = "dataset IN (" + ", ".join("'" + d.replace("'", "''") + "'" for d in keep) + ")"
+    n_kept = int(cells["dataset"].isin(keep).sum())
+    notes.append(f"probed the {len(keep)} of {len(present)} datasets that "
+                 f"{'every backbone covers' if len(have) > 1 else 'have these embeddings'} "
+                 f"({n_kept:,} of {len(cells):,} cells); the runs are stored with --where \"{where}\"")
+    return where, notes
 
 
 @contextlib.contextmanager
@@ -237,55 +301,3 @@ def _save(store: Store, run: ProbeRun, where, seed, positive, replace: bool = Fa
                         "FROM incoming_predictions", [run.run_id])
             con.unregister("incoming_predictions")
 
-
-LEAKY_NOTE = ("leaky = cell-level split (group_by none): cells of one sample are in both train and test, so "
-              "scores can reflect sample identity; compare such runs with grouped runs only with care")
-
-
-def leaderboard(store: Store, metric: str = "f1", protocol: str | None = None, where: str | None = None,
-                ) -> pd.DataFrame:
-    """Latest run of each (backbone, method, head, protocol, grouping, cohort), ranked by ``metric``
-    within its cohort and protocol: runs on other cells, or under another protocol, are not
-    comparable, so each (cohort, protocol) has its own ranks 1, 2, ... ``leaky`` marks
-    cell-level splits. ``cohort`` is the run's full ``--where`` ('' for all cells)."""
-    if metric not in METRIC_COLUMNS:
-        raise UserError(f"unknown metric {metric!r}: use one of {', '.join(METRIC_COLUMNS)}")
-    if protocol is not None and protocol not in LEADERBOARD_PROTOCOLS:
-        raise UserError(f"unknown protocol {protocol!r}: use one of {', '.join(LEADERBOARD_PROTOCOLS)}")
-    conditions, params = ["TRUE"], []
-    if protocol:
-        conditions.append("protocol = ?")
-        params.append(protocol)
-    if where:
-        conditions.append(embed(check_condition(where, "probe_runs", "--where")))
-    extra = "" if metric == "auroc" else ", avg(x.auroc) AS auroc"
-    query = f"""
-        WITH latest AS (
-            SELECT * FROM probe_runs WHERE {' AND '.join(conditions)}
-            QUALIFY row_number() OVER (PARTITION BY backbone, method, head, protocol, group_by,
-                                       coalesce(where_sql, '') ORDER BY created_at DESC) = 1)
-        SELECT coalesce(r.where_sql, '') AS cohort, r.protocol, r.backbone, r.method, r.head, r.group_by,
-               avg(x.{metric}) AS mean, stddev_samp(x.{metric}) AS std, count(x.{metric}) AS splits{extra},
-               r.n_cells AS cells, r.run_id
-        FROM latest r JOIN probe_results x USING (run_id)
-        WHERE x.status <> 'one-class-train'
-        GROUP BY ALL"""
-    frame = store.sql(query, params)
-    if frame.empty:
-        raise UserError("no probe results yet" + (" for this selection" if (protocol or where) else "")
-                        + ": run 'scdrugmap probe' or 'scdrugmap zero-shot' first")
-    frame = frame.sort_values(["cohort", "protocol", "mean", "backbone", "head"],
-                              ascending=[True, True, False, True, True], na_position="last", kind="stable")
-    frame.insert(2, "rank", frame.groupby(["cohort", "protocol"], sort=False).cumcount() + 1)
-    frame.insert(frame.columns.get_loc("group_by") + 1, "leaky",
-                 np.where((frame["protocol"] == "pooled") & (frame["group_by"] == "none"), "yes", ""))
-    frame = frame.rename(columns={"mean": metric, "std": f"{metric}_std"}).reset_index(drop=True)
-    return frame
-
-
-def leaderboard_sections(frame: pd.DataFrame, metric: str):
-    """``(title, table)`` per cohort and protocol of a :func:`leaderboard` frame, for printing
-    (``metric`` as the title names it, e.g. 'F1')."""
-    for (cohort, protocol), part in frame.groupby(["cohort", "protocol"], sort=False):
-        title = f"Leaderboard by {metric}: protocol {protocol}, cohort: {cohort if cohort else 'all cells'}"
-        yield title, part.drop(columns=["cohort", "protocol"])

@@ -65,6 +65,30 @@ def safe_name(name: str) -> str:
     return "".join(c if (c.isalnum() or c in "._-") else f"%{ord(c):02X}" for c in name)
 
 
+# Separates backbone, dataset and job key in a staging directory's name: safe_name never writes
+# it, so one name belongs to one (backbone, dataset) pair ('__' did not: backbone 'a' with
+# dataset 'b__c' and backbone 'a__b' with dataset 'c' shared the prefix 'a__b__c__').
+STAGING_SEP = "+"
+
+
+def staging_name(backbone: str, dataset: str, key: str) -> str:
+    return f"{safe_name(backbone)}{STAGING_SEP}{safe_name(dataset)}{STAGING_SEP}{key}"
+
+
+def staging_pair(staging_dir: Path) -> tuple[str, str] | None:
+    """The ``(safe_name(backbone), safe_name(dataset))`` a staging directory belongs to: from its
+    name, or for one an older version named ``<backbone>__<dataset>__<key>`` (ambiguous) from
+    its job.json; None when that cannot be read (such a directory is left alone)."""
+    parts = staging_dir.name.split(STAGING_SEP)
+    if len(parts) == 3:
+        return parts[0], parts[1]
+    try:
+        job = json.loads((staging_dir / "job.json").read_text())
+        return safe_name(str(job["backbone"])), safe_name(str(job["dataset"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 class ChunkError(UserError):
     """A chunk of an embedding array that is damaged (checksum) or missing."""
 
@@ -110,7 +134,7 @@ class StagedArray:
         job = dict(job, backbone=backbone, dataset=dataset, n_rows=n_rows, dim=dim,
                    dtype=dtype, chunk_rows=chunk_rows)
         key = hashlib.sha256(json.dumps(job, sort_keys=True, default=str).encode()).hexdigest()[:16]
-        self.dir = self.root / STAGING / f"{safe_name(backbone)}__{safe_name(dataset)}__{key}"
+        self.dir = self.root / STAGING / staging_name(backbone, dataset, key)
         self.array_dir = self.dir / "array"
         self.done_dir = self.dir / "done"
         self.finished = self._finished_before()
@@ -123,8 +147,11 @@ class StagedArray:
             self.array = zarr.open_array(str(self.array_dir), mode="r+", config=ARRAY_CONFIG)
             return
         # A different job for the same pair is stale: its parameters no longer apply.
-        for old in (self.root / STAGING).glob(f"{safe_name(backbone)}__{safe_name(dataset)}__*"):
-            discard_staging(self.root, old)
+        mine = (safe_name(backbone), safe_name(dataset))
+        staging_root = self.root / STAGING
+        for old in sorted(staging_root.iterdir()) if staging_root.is_dir() else []:
+            if old != self.dir and old.is_dir() and staging_pair(old) == mine:
+                discard_staging(self.root, old)
         self.created = True
         try:
             self.done_dir.mkdir(parents=True, exist_ok=True)

@@ -47,8 +47,11 @@ def _staging_dirs(store, backbone: str | None = None) -> list[Path]:
     root = store.embeddings_path / arrays.STAGING
     if not root.is_dir():
         return []
-    prefix = f"{arrays.safe_name(backbone)}__" if backbone is not None else ""
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(prefix))
+    dirs = sorted(p for p in root.iterdir() if p.is_dir())
+    if backbone is None:
+        return dirs
+    mine = arrays.safe_name(backbone)
+    return [p for p in dirs if (arrays.staging_pair(p) or (None,))[0] == mine]
 
 
 def _final_of(staging: Path) -> str | None:

@@ -31,6 +31,9 @@ def store_info(store: Store) -> dict:
                  "source_sha256": _short(r["source_sha256"])}
                 for r in store.datasets().to_dict("records")]
     prov = store.provenance()
+    covering = prov.groupby("dataset")["backbone"].agg(sorted).to_dict() if len(prov) else {}
+    for d in datasets:                   # which backbones have embeddings of it (probe leaves the others out)
+        d["backbones"] = covering.get(d["dataset"], [])
     backbones = []
     for backbone, group in prov.groupby("backbone", sort=True):
         sizes = [store.array_nbytes(rel) for rel in group["array_path"]]

@@ -78,6 +78,26 @@ def commit_array(store: "Store", rel: str, row: dict) -> bool:
     return bool(old)
 
 
+def embeddings_advice(backbone: str, datasets, prov: pd.DataFrame) -> str:
+    """How to give ``backbone`` embeddings of ``datasets`` (None: of any dataset), for an error or
+    a note: extract them if its embeddings were extracted here, import them if they were
+    imported (``prov``: its provenance rows), either when the store has none of it yet."""
+    which = f" --dataset {datasets[0]}" if datasets else ""
+    more = " (once per dataset)" if datasets and len(datasets) > 1 else ""
+    extract = f"'scdrugmap extract --backbone {backbone}{which}'"
+    imported = f"'scdrugmap import-embeddings --backbone {backbone}{which or ' --dataset D'} --from FILE'"
+    origins = set(prov["origin"]) if len(prov) else set()
+    if "+lora:" in backbone:
+        return ("these are the out-of-fold embeddings of one fine-tuning run, made for its cohort's datasets only: "
+                "fine-tune again with --export-embeddings on a cohort that includes them")
+    if origins == {"extracted"}:
+        return f"run {extract}{more}"
+    if origins == {"external"}:
+        return f"import them with {imported}{more} (its embeddings here were imported)"
+    return (f"run {extract}{more} for a backbone scdrugmap can run (see 'scdrugmap backbones'), or import "
+            f"embeddings made elsewhere with {imported}{more}")
+
+
 def commit_staged(store: "Store", staged: arrays.StagedArray, row: dict) -> bool:
     """Finish ``staged`` (unless an earlier run did), commit it (:func:`commit_array`), drop the staging."""
     old = commit_array(store, staged.finish(), row)
@@ -419,13 +439,13 @@ class Store:
         prov = self.provenance(backbone)
         if prov.empty:
             have = self.extracted_backbones()
-            raise UserError(f"backbone {backbone!r} has no embeddings in this store "
-                            f"(extracted: {', '.join(have) or 'none'}): run 'scdrugmap extract --backbone {backbone}'")
-        prov = prov.set_index("dataset")
-        missing = sorted(set(cells["dataset"]) - set(prov.index))
+            raise UserError(f"backbone {backbone!r} has no embeddings in this store (backbones with embeddings: "
+                            f"{', '.join(have) or 'none'}): {embeddings_advice(backbone, None, prov)}")
+        missing = sorted(set(cells["dataset"]) - set(prov["dataset"]))
         if missing:
-            raise UserError(f"backbone {backbone!r} is not extracted for dataset(s) {', '.join(missing)}: "
-                            f"run 'scdrugmap extract --backbone {backbone} --dataset {missing[0]}'")
+            raise UserError(f"backbone {backbone!r} has no embeddings of dataset(s) {', '.join(missing)}: "
+                            f"{embeddings_advice(backbone, missing, prov)}")
+        prov = prov.set_index("dataset")
         prov = prov.loc[sorted(cells["dataset"].unique())]
         dims = set(prov["dim"].astype(int))
         if len(dims) > 1:

@@ -38,7 +38,7 @@ def test_extraction_killed_before_its_commit_is_committed_without_recomputing(st
         with pytest.raises(KeyboardInterrupt):
             extract(Store.open(st), "slow-hvg", datasets=["SimData1"], chunk_rows=20, show_progress=False)
     assert len(log.read_text().split()) == 4                        # 80 cells, 4 chunks computed
-    [staging] = (st / "embeddings.zarr" / arrays.STAGING).glob("slow-hvg__SimData1__*")
+    [staging] = (st / "embeddings.zarr" / arrays.STAGING).glob(arrays.staging_name("slow-hvg", "SimData1", "*"))
     final = (staging / arrays.FINAL).read_text()
     assert (st / "embeddings.zarr" / final / "zarr.json").is_file()     # the finished array, not yet in the index
     left = reclaimable(Store.open(st))
