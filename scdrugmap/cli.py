@@ -76,7 +76,7 @@ def ingest(file, store_path, dataset, label_col, sensitive, resistant, sample_co
     r = do_ingest(store_path, req, show_progress=not quiet)
     verb = "replaced" if r.replaced else "ingested"
     click.echo(f"{verb} {r.dataset}: {r.n_cells:,} cells ({r.n_sensitive:,} sensitive, {r.n_resistant:,} resistant), "
-               f"{r.n_genes:,} genes ({r.gene_id_type}), values: {r.value_kind}")
+               f"{r.n_genes:,} gene{'' if r.n_genes == 1 else 's'} ({r.gene_id_type}), values: {r.value_kind}")
     for w in r.warnings:
         click.echo(f"warning: {w}", err=True)
 

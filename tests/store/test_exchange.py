@@ -158,3 +158,21 @@ def test_export_errors_write_nothing(cli, small_store, tmp_path, args, match):
     before = snapshot(tmp_path), snapshot(small_store)
     cli.fails("export", "--store", small_store, *[a.format(t=tmp_path) for a in args], match=match)
     assert (snapshot(tmp_path), snapshot(small_store)) == before
+
+
+def test_import_under_a_built_in_backbone_name_warns(cli, store_copy, tmp_path):
+    """Importing under a built-in backbone's name works (a lab may hold that model's own embeddings) but says
+    that scdrugmap did not compute them; another name gives no warning."""
+    from scdrugmap.extract.registry import all_backbones
+
+    st = store_copy()
+    X, cells = load(st, "pca", dtype=np.float32)
+    np.save(tmp_path / "emb.npy", X)
+    builtin = next(b for b in all_backbones() if b != "pca")
+    r = cli.ok("import-embeddings", "--store", st, "--dataset", DS, "--backbone", builtin, "--from",
+               tmp_path / "emb.npy")
+    assert f"'{builtin}' is the name of a built-in backbone" in r.stderr
+    assert Store.open(st).provenance(builtin)["origin"].tolist() == ["external"]
+    r = cli.ok("import-embeddings", "--store", st, "--dataset", DS, "--backbone", "lab-emb", "--from",
+               tmp_path / "emb.npy")
+    assert "built-in backbone" not in r.stderr

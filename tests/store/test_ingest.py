@@ -167,3 +167,9 @@ def test_not_a_store_directory(cli, tmp_path):
     f = make_h5ad(tmp_path / "a.h5ad")
     cli.fails(*ingest_args(f, tmp_path / "plain"), match="not a scdrugmap store")
     assert snapshot(tmp_path / "plain") == before
+
+
+@pytest.mark.parametrize("n_genes, words", [(1, "1 gene ("), (2, "2 genes (")])
+def test_ingest_message_counts_genes_in_good_english(cli, tmp_path, n_genes, words):
+    f = make_h5ad(tmp_path / "g.h5ad", genes=[f"GENE{i}" for i in range(n_genes)])
+    assert words in cli.ok(*ingest_args(f, tmp_path / "st")).output
