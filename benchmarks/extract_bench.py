@@ -375,8 +375,8 @@ def _builder(table: str, name: str):
     return globals()[table][name][1]
 
 
-def build_once(folder: Path, builder: tuple, what: str) -> Path:
-    """The builder named ``(table, name)`` run on ``folder`` unless an earlier run finished it; in
+def build_once(folder: Path, builder, what: str) -> Path:
+    """The builder named ``(table, name)`` (or a module-level function) run on ``folder`` unless an earlier run finished it; in
     a fresh (spawned) child process, so the builder's memory never counts in a backbone's peak RSS."""
     import multiprocessing
 
@@ -392,8 +392,9 @@ def build_once(folder: Path, builder: tuple, what: str) -> Path:
     return folder
 
 
-def _build(builder: tuple, folder: Path):
-    _builder(*builder)(folder)
+def _build(builder, folder: Path):
+    # a (table, name) key, or a module-level function (which pickles by its name)
+    (builder if callable(builder) else _builder(*builder))(folder)
 
 
 def counted_flops(model, encode, block, cells: int = 8) -> float:

@@ -121,7 +121,7 @@ def build(name: str, builder, shape: str) -> Path:
     if shape == "release":
         from extract_bench import checkpoint
 
-        return checkpoint(name, builder)
+        return checkpoint(name)
     from extract_bench import build_once
 
     return build_once(CACHE / "finetune" / "checkpoints" / name, builder, f"a small random {name} checkpoint")

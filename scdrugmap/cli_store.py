@@ -357,11 +357,6 @@ def import_embeddings(store_path, dataset, backbone, source, cell_ids, cell_col,
     from .extract.registry import all_backbones
 
     store = open_store(store_path)
-    if backbone in all_backbones():
-        click.echo(f"warning: {backbone!r} is the name of a built-in backbone: these embeddings will be stored "
-                   "and reported under it although scdrugmap did not compute them (provenance origin: external); "
-                   "prefer another --backbone name, e.g. "
-                   f"{backbone}-external", err=True)
     r = do_import(store, dataset, backbone, source, key=key, cell_ids=cell_ids, cell_col=cell_col, dtype=dtype,
                   replace=replace, params=parse_options(params))
     how = "aligned by cell names" + (" (rows reordered)" if r.reordered else "") if r.aligned_by == "cell names" \
@@ -369,3 +364,7 @@ def import_embeddings(store_path, dataset, backbone, source, cell_ids, cell_col,
     verb = "replaced" if r.replaced else "imported"
     click.echo(f"{verb} {r.backbone} · {r.dataset}: {r.n_cells:,} cells x {r.dim} ({r.dtype}), {how}; "
                "provenance origin: external")
+    if backbone in all_backbones():           # after the import: a refusal stays one line
+        click.echo(f"warning: {backbone!r} is the name of a built-in backbone: these embeddings are stored "
+                   "and reported under it although scdrugmap did not compute them (provenance origin: external); "
+                   f"prefer another --backbone name, e.g. {backbone}-external", err=True)

@@ -242,32 +242,27 @@ def _tables(page, store, datasets) -> None:
 
 
 def _predictions(page, store) -> None:
-    """Per-patient summary of a ``predictions`` table (written by 'scdrugmap predict'), if any."""
-    have = store.sql("SELECT count(*) AS n FROM information_schema.tables WHERE table_name = 'predictions'")
-    if not int(have["n"].iloc[0]):
-        return
+    """Per-patient summary of what 'scdrugmap predict' stored, if anything (the same summary
+    and intervals as its output, from :func:`scdrugmap.inference.predict.summarise`)."""
+    from ..inference.predict import summarise
+
     frame = store.sql('SELECT p.dataset, p.model, p.probability, p."call", c.patient, c.sample '
-                      'FROM predictions p LEFT JOIN cells c USING (dataset, "row")')
-    parts = page.section("predictions", "Predictions per patient")
+                      'FROM predictions p LEFT JOIN cells c USING (dataset, "row") ORDER BY p.model, p.dataset, p."row"')
     if frame.empty:
-        parts.append(_note("the predictions table is empty."))
         return
-    call = frame["call"]
-    if call.dtype == object:
-        call = call.astype(str).str.lower().isin(["resistant", "1", "true"])
-    frame["resistant_call"] = call.astype(float)
-    frame["patient"] = frame["patient"].fillna(frame["sample"]).fillna("(no patient)")
-    rng = np.random.default_rng(0)
+    parts = page.section("predictions", "Predictions per patient")
     rows = []
-    for (model, dataset, patient), part in frame.groupby(["model", "dataset", "patient"], sort=True):
-        p = part["probability"].to_numpy(dtype=float)
-        boots = [p[rng.integers(0, len(p), len(p))].mean() for _ in range(200)]
-        rows.append({"model": model, "dataset": dataset, "patient": patient, "cells": len(p),
-                     "mean_probability": p.mean(), "low": np.quantile(boots, 0.025),
-                     "high": np.quantile(boots, 0.975), "fraction_resistant": part["resistant_call"].mean()})
+    for (model, dataset), part in frame.groupby(["model", "dataset"], sort=True):
+        summary = summarise(part.reset_index(drop=True), seed=0, n_boot=200)
+        levels = set(summary["level"])
+        level = next(lv for lv in ("patient", "sample", "dataset") if lv in levels)
+        for r in summary[summary["level"] == level].itertuples():
+            rows.append({"model": model, "dataset": dataset, "level": level, "group": r.group, "cells": r.n_cells,
+                         "mean_probability": r.mean_probability, "low": r.ci_low, "high": r.ci_high,
+                         "fraction_resistant": r.fraction_resistant})
     summary = pd.DataFrame(rows)
     parts.append(_note("low/high: 95 % bootstrap interval of the mean probability (cells resampled, 200 "
-                       "replicates, seed 0)."))
+                       "replicates, seed 0; samples where the dataset names no patients)."))
     parts.append(_table(summary))
-    summary["label"] = summary["dataset"].astype(str) + " · " + summary["patient"].astype(str)
+    summary["label"] = summary["dataset"].astype(str) + " · " + summary["group"].astype(str)
     page.figure(parts, figures.patients(summary), "predictions per patient")

@@ -19,7 +19,6 @@ whose other version was kept.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -36,7 +35,7 @@ from .schema import CELL_CORE_COLUMNS, COHORT_VIEW
 from .common import INDEX, DiskError, disk_errno, is_url, local_path, now
 from .locks import wait_for_index, work_dir
 from .common import first_line as _first_line
-from .heads import HEADS_DIR
+from .heads import HEADS_DIR, sha256_file
 from .store import Store
 
 # what makes two ingests of a dataset the same (besides the name)
@@ -105,12 +104,6 @@ def _short(value) -> str:
     return (str(value)[:12] + "…") if value else "none"
 
 
-def _sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _model_files(store: Store) -> dict[str, Path]:
@@ -211,7 +204,7 @@ def merge(a, b, into, prefer: str | None = None) -> MergeReport:
             continue
         paths = {side: data[side]["models"].get(rel) for side in SIDES}
         if paths["A"] and paths["B"]:
-            if _sha(paths["A"]) != _sha(paths["B"]):
+            if sha256_file(paths["A"]) != sha256_file(paths["B"]):
                 conflicts.append(f"{rel}: differs between the stores")
             model_side[rel] = prefer or "A"
         else:

@@ -48,13 +48,13 @@ def _v3_models_predictions(con) -> None:
     con.execute(PREDICTIONS_DDL)
 
 
-# Version 3 is made of independent steps, one per feature that changed the index; each step is
-# idempotent (it checks before it alters), so a store part-way between them still migrates.
-# Define a step above this list and add it as (description, function).
 def _v3_probe_predictions(con) -> None:
     con.execute(PROBE_PREDICTIONS_DDL)
 
 
+# Version 3 is made of independent steps, one per feature that changed the index; each step is
+# idempotent (it checks before it alters), so a store part-way between them still migrates.
+# Define a step above this list and add it as (description, function).
 V3_STEPS: list[tuple[str, Callable[[duckdb.DuckDBPyConnection], None]]] = [
     ("models and predictions tables (scdrugmap fit, scdrugmap predict)", _v3_models_predictions),
     ("probe_predictions (out-of-fold score per cell of each probe run)", _v3_probe_predictions),

@@ -70,6 +70,25 @@ def write_pc9_small(path: Path, per_class: int = 60) -> Path:
     return path
 
 
+def lora_base(root: Path, cli):
+    """Two ingested datasets pc9a and pc9b of 30 sensitive + 30 resistant real PC9 cells each (no
+    cell in both) in ``root/st``, and a tiny Geneformer-layout checkpoint (2 layers, 64 input
+    tokens) beside the real dictionaries: ``(store, checkpoint)``."""
+    if not PC9.exists():
+        _missing("PC9 data (data/pc9_erlotinib.h5ad)")
+    a = ad.read_h5ad(PC9)
+    sensitive = np.flatnonzero(a.obs["response"].to_numpy() == "sensitive")
+    resistant = np.flatnonzero(a.obs["response"].to_numpy() == "resistant")
+    for k, name in enumerate(("pc9a", "pc9b")):
+        idx = np.r_[sensitive[k::2][:30], resistant[k::2][:30]]
+        a[idx].copy().write_h5ad(root / f"{name}.h5ad")
+        cli.ok("ingest", root / f"{name}.h5ad", "--store", root / "st", "--dataset", name, "--label-col", "response",
+               "--sample-col", "sample_id", "--quiet")
+    gf = save_geneformer(root / "gf", num_hidden_layers=2, hidden_size=32, intermediate_size=64,
+                         num_attention_heads=2, max_position_embeddings=64)
+    return root / "st", gf
+
+
 def write_pc9_every(folder: Path, step: int = 48, start: int = 10):
     """PC9 cells ``start``, ``start + step``, ... (both classes) written to ``folder``:
     ``(path, AnnData)``."""

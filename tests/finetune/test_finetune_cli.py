@@ -31,21 +31,7 @@ WIDE = {"COLUMNS": "200"}          # tables are cut to the terminal's width
 def base(tmp_path_factory):
     """Two datasets of 30 sensitive + 30 resistant real PC9 cells each (no cell in both), ingested,
     and a tiny Geneformer-layout checkpoint (2 layers, 64 input tokens) beside the real dictionaries."""
-    if not ck.PC9.exists():
-        pytest.skip("PC9 data not found at ../shared")
-    root = tmp_path_factory.mktemp("ft")
-    a = ad.read_h5ad(ck.PC9)
-    sensitive = np.flatnonzero(a.obs["response"].to_numpy() == "sensitive")
-    resistant = np.flatnonzero(a.obs["response"].to_numpy() == "resistant")
-    cli = Cli()
-    for k, name in enumerate(("pc9a", "pc9b")):
-        idx = np.r_[sensitive[k::2][:30], resistant[k::2][:30]]
-        a[idx].copy().write_h5ad(root / f"{name}.h5ad")
-        cli.ok("ingest", root / f"{name}.h5ad", "--store", root / "st", "--dataset", name, "--label-col", "response",
-               "--sample-col", "sample_id", "--quiet")
-    gf = ck.save_geneformer(root / "gf", num_hidden_layers=2, hidden_size=32, intermediate_size=64,
-                            num_attention_heads=2, max_position_embeddings=64)
-    return root / "st", gf
+    return ck.lora_base(tmp_path_factory.mktemp("ft"), Cli())
 
 
 @pytest.fixture

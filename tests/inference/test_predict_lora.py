@@ -7,7 +7,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import anndata as ad
 import numpy as np
 import pytest
 
@@ -26,24 +25,13 @@ from scdrugmap.store.store import Store  # noqa: E402
 @pytest.fixture(scope="module")
 def lora_store(tmp_path_factory):
     """pc9a (fine-tuned on, pooled 5-fold LoRA run) and pc9b (new cells), 30 + 30 real PC9 cells each."""
-    if not ck.PC9.exists():
-        pytest.skip("PC9 data not found at ../shared")
     root = tmp_path_factory.mktemp("lora")
-    a = ad.read_h5ad(ck.PC9)
-    sensitive = np.flatnonzero(a.obs["response"].to_numpy() == "sensitive")
-    resistant = np.flatnonzero(a.obs["response"].to_numpy() == "resistant")
     cli = Cli()
-    for k, name in enumerate(("pc9a", "pc9b")):
-        idx = np.r_[sensitive[k::2][:30], resistant[k::2][:30]]
-        a[idx].copy().write_h5ad(root / f"{name}.h5ad")
-        cli.ok("ingest", root / f"{name}.h5ad", "--store", root / "st", "--dataset", name, "--label-col", "response",
-               "--sample-col", "sample_id", "--quiet")
-    gf = ck.save_geneformer(root / "gf", num_hidden_layers=2, hidden_size=32, intermediate_size=64,
-                            num_attention_heads=2, max_position_embeddings=64)
-    cli.ok("finetune", "--store", root / "st", "--backbone", "geneformer", "--model-dir", gf, "--where",
+    st, gf = ck.lora_base(root, cli)
+    cli.ok("finetune", "--store", st, "--backbone", "geneformer", "--model-dir", gf, "--where",
            "dataset = 'pc9a'", "--epochs", "2", "--batch-size", "8", "--quiet")
-    run = Store.open(root / "st").sql("SELECT * FROM probe_runs WHERE method = 'lora'").iloc[0].to_dict()
-    return root / "st", gf, run
+    run = Store.open(st).sql("SELECT * FROM probe_runs WHERE method = 'lora'").iloc[0].to_dict()
+    return st, gf, run
 
 
 def test_each_fold_reproduces_its_stored_scores_and_new_cells_get_the_fold_mean(lora_store, cli, tmp_path):

@@ -125,15 +125,11 @@ def test_report_in_a_real_browser(demo, browser, cli, tmp_path):  # noqa: F811
     assert [a.split(":")[0] for a in alts if "PCA of its embeddings" in a] == ["hvg", "pca"]
     assert 'id="predictions"' not in text            # no predictions table: no such section
 
-    # a predictions table (as 'scdrugmap predict' writes it) adds the per-patient section
+    # predictions of a saved model (scdrugmap fit, then predict) add the per-patient section
     st = tmp_path / "st"
     shutil.copytree(demo / "store", st)
-    store = Store.open(st)
-    with store.transaction() as con:
-        con.execute('CREATE TABLE predictions AS SELECT dataset, "row", \'pca-lr\' AS model, '
-                    "CAST(CASE WHEN label = 'resistant' THEN 0.8 ELSE 0.3 END AS REAL) AS probability, "
-                    "CASE WHEN label = 'resistant' THEN 'resistant' ELSE 'sensitive' END AS \"call\" "
-                    "FROM cells WHERE dataset = 'SimData1'")
+    cli.ok("fit", "--store", st, "--backbone", "pca", "--head", "lr", "--where", "dataset <> 'SimData1'", "--quiet")
+    cli.ok("predict", "--store", st, "--model", "pca-lr", "--dataset", "SimData1", "--quiet")
     out = tmp_path / "with-predictions.html"
     cli.ok("report", "--store", st, "--out", out, "--bootstrap", "50", "--map-cells", "500", "--quiet")
     images = _check_page(browser, out, (*SECTIONS, "predictions"), "report-predictions")

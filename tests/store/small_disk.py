@@ -28,6 +28,21 @@ def _snapshot(path: Path) -> dict:
             for p in sorted(path.rglob("*")) if p.is_file()} if path.exists() else {}
 
 
+def _rows(path: Path) -> dict:
+    """Every table of the index, row for row (read-only: a pending write-ahead log is read, not applied)."""
+    import duckdb
+
+    index = path / "index.duckdb"
+    if not index.exists():
+        return {}
+    con = duckdb.connect(str(index), read_only=True)
+    try:
+        tables = [t for (t,) in con.execute("SELECT table_name FROM duckdb_tables() ORDER BY 1").fetchall()]
+        return {t: sorted(map(repr, con.execute(f'SELECT * FROM "{t}"').fetchall())) for t in tables}
+    finally:
+        con.close()
+
+
 def _fill(mount: Path, free: int) -> None:
     st = os.statvfs(mount)
     left = st.f_bavail * st.f_frsize - free
@@ -48,17 +63,18 @@ def inside(spec: dict) -> dict:
         _fill(mount, spec["free"])
     results = []
     for command in spec["commands"]:
-        before = _snapshot(st)
+        before, rows_before = _snapshot(st), _rows(st)
         args = [a.replace("{st}", str(st)).replace("{mnt}", str(mount)) for a in command]
         r = subprocess.run([sys.executable, "-m", "scdrugmap.cli", *args], capture_output=True, text=True,
                            cwd=spec["cwd"])
         others = sorted(p.name for p in mount.iterdir() if p.name not in ("st", "filler"))
-        after = _snapshot(st)
+        after, rows_after = _snapshot(st), _rows(st)
         changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
         check = subprocess.run([sys.executable, "-m", "scdrugmap.cli", "store", "verify", str(st)],
                                capture_output=True, text=True, cwd=spec["cwd"])
         results.append({"command": command, "rc": r.returncode, "stderr": r.stderr, "stdout": r.stdout,
-                        "unchanged": not changed, "changed": changed, "other_files": others,
+                        "unchanged": not changed, "changed": changed,
+                        "rows_unchanged": rows_before == rows_after, "wal_before": "index.duckdb.wal" in before, "other_files": others,
                         "verified": check.returncode == 0})
     return {"results": results}
 

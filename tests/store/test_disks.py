@@ -55,7 +55,12 @@ def test_full_disk(small_store, tmp_path, inputs, free):
         assert "no space left on the device" in err or "cannot write" in err, (name, err)
         # rolled back: byte for byte as before; an extraction of several datasets keeps those it finished
         # (each committed whole, hours of work on a GPU), and rolls back the one the disk refused
-        assert r["unchanged"] or (name.startswith("extract") and free), (name, err)
+        # One exception, not ours to prevent: an earlier command that committed on a nearly full disk
+        # leaves its write-ahead log (DuckDB could not fold it into the index file). The next command's
+        # connection tries to fold it in first and may rewrite index pages before the disk refuses;
+        # then the index holds exactly the same rows as before, and only its file's bytes differ.
+        pending_log = (r["wal_before"] and r["changed"] == ["index.duckdb"] and r["rows_unchanged"])
+        assert r["unchanged"] or (name.startswith("extract") and free) or pending_log, (name, err, r["changed"])
         assert r["other_files"] in ([], ["p.tar"], ["x.parquet"]) and not any(
             f.startswith(".") for f in r["other_files"]), (name, r["other_files"])
         if name in ("store pack", "export", "ingest a new store"):
