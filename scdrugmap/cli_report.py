@@ -49,8 +49,10 @@ def compare(store_path, run_a, run_b, metric, bootstrap, ci_seed):
 @click.option("--map-cells", default=3000, show_default=True, type=click.IntRange(10),
               help="Most cells per embedding map (a seeded subsample of larger cohorts).")
 @click.option("--map-seed", default=0, show_default=True, type=SEED, help="Seed of the maps' subsample.")
+@click.option("--map", "map_method", type=click.Choice(["auto", "umap", "pca"]), default="auto", show_default=True,
+              help="Embedding maps: UMAP (needs scdrugmap[umap]), PCA, or auto (UMAP where installed).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def report(store_path, out, metric, bootstrap, ci_seed, map_cells, map_seed, quiet):
+def report(store_path, out, metric, bootstrap, ci_seed, map_cells, map_seed, map_method, quiet):
     """Write one self-contained HTML report of the store's results.
 
     Leaderboard with 95 % bootstrap intervals, ROC and precision-recall curves per backbone
@@ -62,9 +64,11 @@ def report(store_path, out, metric, bootstrap, ci_seed, map_cells, map_seed, qui
     Examples:
       scdrugmap report --store st --out report.html
       scdrugmap report --store st --out report.html --metric auroc --map-cells 5000
+      scdrugmap report --store st --out report.html --map pca
     """
     from .report import build_report
 
     info = build_report(open_store(store_path), out, metric=metric, n_bootstrap=bootstrap, ci_seed=ci_seed,
-                        map_cells=map_cells, map_seed=map_seed, show_progress=not quiet)
+                        map_cells=map_cells, map_seed=map_seed, map_method=map_method,
+                        show_progress=not quiet)
     click.echo(f"wrote {out} ({info['bytes'] / 1e6:.1f} MB, {info['figures']} figures, {info['seconds']:.1f} s)")

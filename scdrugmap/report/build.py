@@ -72,7 +72,7 @@ def _note(text: str) -> str:
 
 
 def build_report(store, out, metric: str = "f1", n_bootstrap: int = 200, ci_seed: int = 0, map_cells: int = 3000,
-                 map_seed: int = 0, show_progress: bool = True) -> dict:
+                 map_seed: int = 0, map_method: str = "auto", show_progress: bool = True) -> dict:
     """Write the report of ``store`` to ``out``; ``{"bytes", "figures", "seconds"}``."""
     from ..probe.confidence import add_intervals
     from ..probe.run import leaderboard
@@ -82,6 +82,7 @@ def build_report(store, out, metric: str = "f1", n_bootstrap: int = 200, ci_seed
     start = time.perf_counter()
     if metric not in METRIC_COLUMNS:
         raise UserError(f"unknown metric {metric!r}: use one of {', '.join(METRIC_COLUMNS)}")
+    resolve_map_method(map_method)           # before any work: a missing extra is a one-line error
     out = Path(out)
     if out.exists() and out.is_dir():
         raise UserError(f"--out {out} is a folder: give a file name such as report.html")
@@ -106,7 +107,7 @@ def build_report(store, out, metric: str = "f1", n_bootstrap: int = 200, ci_seed
         advance(1)
         maps = page.section("maps", "Embedding maps")
         for backbone in backbones:
-            _map(page, maps, store, backbone, map_cells, map_seed)
+            _map(page, maps, store, backbone, map_cells, map_seed, map_method)
             advance(1)
         if not backbones:
             maps.append(_note("no embeddings in the store yet (scdrugmap extract)."))
@@ -206,7 +207,25 @@ def _leakage(page, board, metric) -> None:
     page.figure(parts, figures.leakage(frame, metric), "leakage gap")
 
 
-def _map(page, parts, store, backbone, map_cells, map_seed) -> None:
+MAP_METHODS = ("auto", "umap", "pca")
+
+
+def resolve_map_method(choice: str) -> str:
+    """'UMAP' or 'PCA': auto means UMAP where the scdrugmap[umap] extra is installed."""
+    if choice not in MAP_METHODS:
+        raise UserError(f"unknown map method {choice!r}: use one of {', '.join(MAP_METHODS)}")
+    if choice == "pca":
+        return "PCA"
+    try:
+        import umap  # noqa: F401  (the scdrugmap[umap] extra)
+    except ImportError:
+        if choice == "umap":
+            raise UserError("UMAP maps need umap-learn: pip install 'scdrugmap[umap]', or use --map pca") from None
+        return "PCA"
+    return "UMAP"
+
+
+def _map(page, parts, store, backbone, map_cells, map_seed, map_method="auto") -> None:
     prov = store.provenance(backbone)
     cells = store.cells(datasets=list(prov["dataset"]), columns=["label"])
     n = len(cells)
@@ -215,15 +234,15 @@ def _map(page, parts, store, backbone, map_cells, map_seed) -> None:
         cells = cells.iloc[np.sort(rng.choice(n, map_cells, replace=False))].reset_index(drop=True)
     rows = store._embedding_rows(backbone, cells)
     X = store._read_embeddings(rows, cells, np.float32)
-    try:
-        import umap  # noqa: F401  (the scdrugmap[umap] extra)
+    method = resolve_map_method(map_method)
+    if method == "UMAP":
+        import umap
 
-        method = "UMAP"
-        xy = umap.UMAP(random_state=map_seed).fit_transform(X)
-    except ImportError:
+        # n_jobs=1: with a random_state UMAP runs single-threaded anyway, and says so in a warning
+        xy = umap.UMAP(random_state=map_seed, n_jobs=1).fit_transform(X)
+    else:
         from sklearn.decomposition import PCA
 
-        method = "PCA"
         xy = PCA(n_components=2, random_state=map_seed).fit_transform(X) if X.shape[1] >= 2 else \
             np.column_stack([X[:, 0], np.zeros(len(X))])
     subsample = f"{len(cells):,} of {n:,} cells (seed {map_seed})" if n > len(cells) else f"all {n:,} cells"

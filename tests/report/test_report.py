@@ -5,6 +5,7 @@ three heads, pooled and cross, plus a cell-level run)."""
 from __future__ import annotations
 
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -87,6 +88,12 @@ def test_compare_is_paired_and_refuses_other_splits(demo, cli):
     assert snapshot(st) == before
 
 
+try:
+    import umap  # noqa: F401
+    MAP = "UMAP"
+except ImportError:
+    MAP = "PCA"
+
 SECTIONS = ("leaderboard", "curves", "cross", "leakage", "maps", "datasets", "provenance")
 
 
@@ -122,7 +129,8 @@ def test_report_in_a_real_browser(demo, browser, cli, tmp_path):  # noqa: F811
     assert sum(a.startswith("ROC and PR") for a in alts) == 3
     assert sum(a.startswith("f1 per held-out dataset") for a in alts) == 1
     assert "leakage gap" in alts
-    assert [a.split(":")[0] for a in alts if "PCA of its embeddings" in a] == ["hvg", "pca"]
+    # the demo's report: UMAP maps where scdrugmap[umap] is installed (the test install has it)
+    assert [a.split(":")[0] for a in alts if f"{MAP} of its embeddings" in a] == ["hvg", "pca"]
     assert 'id="predictions"' not in text            # no predictions table: no such section
 
     # predictions of a saved model (scdrugmap fit, then predict) add the per-patient section
@@ -131,15 +139,19 @@ def test_report_in_a_real_browser(demo, browser, cli, tmp_path):  # noqa: F811
     cli.ok("fit", "--store", st, "--backbone", "pca", "--head", "lr", "--where", "dataset <> 'SimData1'", "--quiet")
     cli.ok("predict", "--store", st, "--model", "pca-lr", "--dataset", "SimData1", "--quiet")
     out = tmp_path / "with-predictions.html"
-    cli.ok("report", "--store", st, "--out", out, "--bootstrap", "50", "--map-cells", "500", "--quiet")
+    cli.ok("report", "--store", st, "--out", out, "--bootstrap", "50", "--map-cells", "500", "--map", "pca", "--quiet")
     images = _check_page(browser, out, (*SECTIONS, "predictions"), "report-predictions")
     assert "predictions per patient" in [a for a, *_ in images]
+    assert sum("PCA of its embeddings" in a for a, *_ in images) == 2
     assert "500 of 2,400 cells (seed 0)" in out.read_text()
 
 
-def test_report_mistakes_are_one_line_and_leave_the_store(cli, store_copy, tmp_path):
+def test_report_mistakes_are_one_line_and_leave_the_store(cli, store_copy, tmp_path, monkeypatch):
     st = store_copy()
     before = snapshot(st)
+    monkeypatch.setitem(sys.modules, "umap", None)           # as without the scdrugmap[umap] extra
+    cli.fails("report", "--store", st, "--out", tmp_path / "r.html", "--map", "umap", match="scdrugmap[umap]")
+    monkeypatch.undo()
     cli.fails("report", "--store", st, "--out", tmp_path / "missing" / "r.html", match="does not exist")
     cli.fails("report", "--store", st, "--out", tmp_path, match="is a directory")
     cli.fails("report", "--store", st, "--out", tmp_path / "r.html", "--metric", "nope", match="unknown metric")
