@@ -140,8 +140,8 @@ def detect_gene_ids(var_names, var_columns, symbol_col: str | None = None) -> Ge
         return GeneIds("ensembl", sym, None)
     looks_symbol = np.mean([bool(SYMBOL_RE.match(n)) and any(ch.isalpha() for ch in n) for n in names])
     if looks_symbol < 0.9:
-        raise UserError("gene identifiers in var_names are neither gene symbols nor Ensembl IDs "
-                        f"(e.g. {names[:3]}): set var_names to symbols or Ensembl IDs")
+        raise UserError("gene identifiers in var_names are neither gene symbols nor Ensembl IDs nor NCBI Gene "
+                        f"(Entrez) IDs (e.g. {names[:3]}): set var_names to symbols, Ensembl IDs or Entrez IDs")
     return GeneIds("symbol", symbol_col, next((c for c in ENSEMBL_COLUMNS if c in cols), None))
 
 

@@ -3,12 +3,8 @@ Ensembl IDs through the shipped table, refused when they are not human Entrez ID
 
 from __future__ import annotations
 
-import gzip
-import hashlib
 import json
 import sys
-from importlib import resources
-from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -17,7 +13,6 @@ import pytest
 import scipy.sparse as sp
 
 from conftest import ROOT, snapshot
-from scdrugmap.errors import UserError
 from scdrugmap.extract.panel import load_panel
 from scdrugmap.extract.runner import _sources
 from scdrugmap.store import gene_ids
@@ -91,7 +86,6 @@ def test_entrez_dataset_gives_backbones_the_same_genes(cli, pair, tmp_path):
     eg, symsrc = _sources(s, ["eg", "sym"])
     np.testing.assert_array_equal(eg.symbols(upper=False), symsrc.symbols(upper=False))
     np.testing.assert_array_equal(eg.symbols(), symsrc.symbols())
-    table = gene_ids.load_table()
     ens = eg.ensembl_ids()
     assert ens[list(sym.var_names).index("EGFR")] == "ENSG00000146648"
     assert (ens != "").mean() > 0.9 and symsrc.ensembl_ids() is None
@@ -182,3 +176,56 @@ def test_entrez_dataset_in_an_ensembl_backbone(cli, pair, tmp_path):
     tok = model.cell_tokenizer(eg)
     prepared = tok.prepare(sp.csr_matrix(sym.X[:4]))
     assert all(len(tok.tokens(prepared, i)) > 10 for i in range(4))
+
+
+def _store_with_one_dataset(cli, tmp_path):
+    st = tmp_path / "st"
+    cli.ok("ingest", _tiny(tmp_path / "first.h5ad", ["EGFR", "TP53", "KRAS", "MYC"]), "--store", st,
+           "--dataset", "first", "--label-col", "response", "--quiet")
+    return st
+
+
+@pytest.mark.parametrize("case, genes, match", [
+    # integers, but no human Entrez IDs (past the largest NCBI Gene ID)
+    ("not_entrez", [str(900_000_000 + 7 * i) for i in range(40)],
+     "only 0 of 40 are NCBI Gene (Entrez) IDs of human genes in the HGNC table"),
+    # a few real IDs among many unknown ones: too few to be an Entrez-ID file
+    ("too_few", ["1956", "7157", "3845"] + [str(900_000_000 + i) for i in range(37)], "only 3 of 40"),
+    # 1..n: row numbers written as var_names
+    ("row_numbers", [str(i) for i in range(1, 41)], "are the numbers 1..40, row numbers rather than gene IDs"),
+    # 0..n-1 (anndata's default names) are not positive, so not Entrez IDs either
+    ("zero_based", [str(i) for i in range(40)], "neither gene symbols nor Ensembl IDs nor NCBI Gene (Entrez) IDs"),
+])
+def test_integers_that_are_not_entrez_ids_are_refused(cli, tmp_path, case, genes, match):
+    st = _store_with_one_dataset(cli, tmp_path)
+    before = snapshot(st)
+    path = _tiny(tmp_path / f"{case}.h5ad", genes)
+    err = cli.fails("ingest", path, "--store", st, "--dataset", case, "--label-col", "response", match=match)
+    assert "set var_names to" in err
+    assert snapshot(st) == before
+    assert Store.open(st).dataset_names() == ["first"]
+    # and a first ingest leaves no store behind
+    cli.fails("ingest", path, "--store", tmp_path / "new", "--dataset", case, "--label-col", "response", match=match)
+    assert not (tmp_path / "new").exists()
+
+
+def test_partly_mapped_entrez_ids_are_reported_and_unknown_ones_left_out(cli, tmp_path):
+    """Most IDs known: ingest says how many map; the unknown ones keep their number as symbol
+    (no vocabulary or panel has it) and get no Ensembl ID."""
+    known = [1956, 7157, 3845, 4609, 16, 2, 9, 10]               # EGFR TP53 KRAS MYC AARS1 A2M NAT1 NAT2
+    unknown = [900_000_001, 900_000_002]
+    st = tmp_path / "st"
+    out = cli.ok("ingest", _tiny(tmp_path / "p.h5ad", known + unknown), "--store", st, "--dataset", "p",
+                 "--label-col", "response")
+    assert "10 genes (entrez)" in out.output
+    assert "warning: 8 of 10 Entrez IDs map to HGNC symbols (2024-07-23 table); the other 2" in out.stderr
+    (source,) = _sources(Store.open(st), ["p"])
+    assert source.symbols(upper=False).tolist() == ["EGFR", "TP53", "KRAS", "MYC", "AARS1", "A2M", "NAT1", "NAT2",
+                                                    "900000001", "900000002"]
+    ens = source.ensembl_ids()
+    assert ens[0] == "ENSG00000146648" and ens[-2:].tolist() == ["", ""]
+    # hvg: the 5 known panel genes, by ID (AARS1 is the panel's AARS); the unknown IDs match nothing
+    cli.ok("extract", "--store", st, "--backbone", "hvg", "--quiet")
+    prov = Store.open(st).provenance("hvg").iloc[0]
+    assert json.loads(prov["params"])["panel_genes_found"] == len({"EGFR", "TP53", "KRAS", "MYC", "AARS"}
+                                                                  & set(load_panel().symbols))
