@@ -3,7 +3,10 @@ Ensembl IDs through the shipped table, refused when they are not human Entrez ID
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import json
+import subprocess
 import sys
 
 import anndata as ad
@@ -229,3 +232,28 @@ def test_partly_mapped_entrez_ids_are_reported_and_unknown_ones_left_out(cli, tm
     prov = Store.open(st).provenance("hvg").iloc[0]
     assert json.loads(prov["params"])["panel_genes_found"] == len({"EGFR", "TP53", "KRAS", "MYC", "AARS"}
                                                                   & set(load_panel().symbols))
+
+
+def test_table_build_script_is_reproducible(tmp_path):
+    """scripts/make_hgnc_table.py on a table in HGNC's complete-set layout: approved genes with
+    an Entrez ID only, sorted by ID, source sha256 recorded, the same bytes on every run."""
+    src = tmp_path / "hgnc_complete_set.txt"
+    src.write_text("hgnc_id\tsymbol\tname\tstatus\tentrez_id\tensembl_gene_id\n"
+                   "HGNC:3236\tEGFR\tepidermal growth factor receptor\tApproved\t1956\tENSG00000146648\n"
+                   "HGNC:5\tA1BG\talpha-1-B glycoprotein\tApproved\t1\tENSG00000121410\n"
+                   "HGNC:99\tOLD1\twithdrawn\tEntry Withdrawn\t99999\t\n"
+                   "HGNC:100\tNOID\tno entrez\tApproved\t\tENSG00000000001\n"
+                   "HGNC:101\tNOENS\tno ensembl\tApproved\t777\t\n")
+    outs = []
+    for k in range(2):
+        out = tmp_path / f"t{k}.tsv.gz"
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "make_hgnc_table.py"), str(src), "--out", str(out),
+                        "--date", "2099-01-01"], check=True, capture_output=True)
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]
+    lines = gzip.decompress(outs[0]).decode().splitlines()
+    assert f"# source_sha256: {hashlib.sha256(src.read_bytes()).hexdigest()}" in lines
+    assert "# hgnc_date: 2099-01-01" in lines and any(line.startswith("# licence: CC0") for line in lines)
+    body = [line for line in lines if not line.startswith("#")]
+    assert body == ["entrez_id\tsymbol\tensembl_gene_id", "1\tA1BG\tENSG00000121410", "777\tNOENS\t",
+                    "1956\tEGFR\tENSG00000146648"]
