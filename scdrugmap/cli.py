@@ -59,6 +59,9 @@ def ingest(file, store_path, dataset, label_col, sensitive, resistant, sample_co
            symbol_col, drug, cancer_type, tissue, therapy, regimen, replace, quiet):
     """Validate FILE (.h5ad) and register its cells in the store (created if absent).
 
+    Genes (var_names) may be symbols, Ensembl IDs or NCBI Gene (Entrez) IDs; Entrez IDs get
+    their symbols and Ensembl IDs from the HGNC table shipped with the package.
+
     \b
     Examples:
       scdrugmap ingest pc9.h5ad --store st --dataset pc9 --label-col response --sample-col sample_id

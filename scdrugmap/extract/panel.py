@@ -10,7 +10,7 @@ were selected to summarise the transcriptome's response to perturbations, drugs 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -29,6 +29,7 @@ class Panel:
     symbols: tuple[str, ...]
     aliases: dict          # alias symbol -> index (older names of the same gene)
     sha256: str
+    entrez: dict = field(default_factory=dict)   # NCBI Gene (Entrez) ID -> index, where the panel lists them
 
     def __len__(self) -> int:
         return len(self.symbols)
@@ -46,22 +47,35 @@ def load_panel(spec: str = DEFAULT_PANEL) -> Panel:
         text = path.read_text()
         name = path.name
     lines = [line.split("\t") for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    entrez_col = None
     if lines and lines[0][0].lower() == "symbol":
+        header = [h.strip().lower() for h in lines[0]]
+        entrez_col = header.index("entrez_id") if "entrez_id" in header else None
         lines = lines[1:]
     symbols = tuple(line[0].strip().upper() for line in lines)
     if len(set(symbols)) != len(symbols) or not symbols:
         raise UserError(f"gene panel {spec!r} is empty or lists a gene twice: give unique symbols")
     aliases = {line[2].strip().upper(): i for i, line in enumerate(lines) if len(line) > 2 and line[2].strip()}
-    return Panel(name, symbols, aliases, hashlib.sha256("\n".join(symbols).encode()).hexdigest())
+    entrez = {}
+    if entrez_col is not None:
+        entrez = {int(line[entrez_col]): i for i, line in enumerate(lines)
+                  if len(line) > entrez_col and line[entrez_col].strip().isdigit()}
+    return Panel(name, symbols, aliases, hashlib.sha256("\n".join(symbols).encode()).hexdigest(), entrez)
 
 
-def panel_columns(panel: Panel, symbols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(source column, panel index) pairs for the panel genes a dataset has (first match wins)."""
+def panel_columns(panel: Panel, symbols: np.ndarray, entrez: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(source column, panel index) pairs for the panel genes a dataset has (first match wins).
+
+    With ``entrez`` (the dataset's NCBI Gene IDs) a gene is matched on its ID where the panel
+    lists IDs, so symbols renamed since the panel was made still match; else on its symbol.
+    """
     where = {s: i for i, s in enumerate(panel.symbols)}
     src_cols, dst = [], []
     seen = set()
     for col, sym in enumerate(np.char.upper(symbols.astype(str))):
-        idx = where.get(sym, panel.aliases.get(sym))
+        idx = panel.entrez.get(int(entrez[col])) if entrez is not None else None
+        if idx is None:
+            idx = where.get(sym, panel.aliases.get(sym))
         if idx is not None and idx not in seen:
             seen.add(idx)
             src_cols.append(col)

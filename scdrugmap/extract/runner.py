@@ -23,6 +23,7 @@ from .._version import __version__
 from ..errors import UserError
 from ..progress import progress_bar
 from ..store import arrays
+from ..store import gene_ids
 from ..store import source as src
 from ..store.common import now
 from ..store.cleanup import disk_rollback, reclaim
@@ -62,11 +63,20 @@ class DatasetSource:
         col = self.row.get("ensembl_col")
         if self.row["gene_id_type"] == "ensembl":
             ids = np.asarray(self.adata.var_names.astype(str))
+        elif self.row["gene_id_type"] == "entrez" and not col:
+            return self._entrez_ensembl()
         elif col:
             ids = self.adata.var[col].astype(str).to_numpy()
         else:
             return None
         return np.array([i.split(".")[0] for i in ids])
+
+    def entrez_ids(self) -> np.ndarray | None:
+        """NCBI Gene (Entrez) IDs of the genes, for a dataset ingested with them (else None)."""
+        return src.entrez_ids(self.adata) if self.row["gene_id_type"] == "entrez" else None
+
+    def _entrez_ensembl(self) -> np.ndarray:
+        return gene_ids.entrez_ensembl(self.entrez_ids())
 
     def rows(self, lo: int, hi: int):
         return src.rows_csr(src.matrix(self.adata, self.row.get("source_layer")), lo, hi)

@@ -173,7 +173,7 @@ def validate(req: IngestRequest, show_progress: bool = False):
     })
     used = {req.label_col} | {c for c in (req.sample_col, req.patient_col) if c}
     extra = _extra_obs(obs, used).reset_index(drop=True)
-    warnings = []
+    warnings = [genes.note] if genes.note else []
     counts = cells["label"].value_counts()
     if len(counts) < 2:
         warnings.append(f"dataset {req.dataset!r} has only {counts.index[0]!r} cells: "

@@ -16,6 +16,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ..errors import UserError
+from . import gene_ids
 
 ENSEMBL_RE = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
 SYMBOL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/@]*$")
@@ -116,9 +117,10 @@ def _value_kind(adata, layer, declared, advance) -> str:
 
 @dataclass
 class GeneIds:
-    id_type: str                  # "symbol" | "ensembl"
-    symbol_col: str | None        # None: var_names are the symbols (or no symbols known)
-    ensembl_col: str | None       # None: var_names are the Ensembl IDs (or none known)
+    id_type: str                  # "symbol" | "ensembl" | "entrez"
+    symbol_col: str | None        # None: var_names are the symbols (or no symbols known; entrez: the HGNC table)
+    ensembl_col: str | None       # None: var_names are the Ensembl IDs (or none known; entrez: the HGNC table)
+    note: str | None = None       # entrez: how many IDs the HGNC table maps, when not all
 
 
 def detect_gene_ids(var_names, var_columns, symbol_col: str | None = None) -> GeneIds:
@@ -129,13 +131,17 @@ def detect_gene_ids(var_names, var_columns, symbol_col: str | None = None) -> Ge
     cols = list(var_columns)
     if symbol_col is not None and symbol_col not in cols:
         raise UserError(f"--symbol-col {symbol_col!r} is not a var column: the file has {cols or 'none'}")
+    entrez = gene_ids.as_entrez(var_names)
+    if entrez is not None:
+        _, note = gene_ids.check_entrez(entrez)
+        return GeneIds("entrez", symbol_col, None, note)
     if ens >= 0.9:
         sym = symbol_col or next((c for c in SYMBOL_COLUMNS if c in cols), None)
         return GeneIds("ensembl", sym, None)
     looks_symbol = np.mean([bool(SYMBOL_RE.match(n)) and any(ch.isalpha() for ch in n) for n in names])
     if looks_symbol < 0.9:
-        raise UserError("gene identifiers in var_names are neither gene symbols nor Ensembl IDs "
-                        f"(e.g. {names[:3]}): set var_names to symbols or Ensembl IDs")
+        raise UserError("gene identifiers in var_names are neither gene symbols nor Ensembl IDs nor NCBI Gene "
+                        f"(Entrez) IDs (e.g. {names[:3]}): set var_names to symbols, Ensembl IDs or Entrez IDs")
     return GeneIds("symbol", symbol_col, next((c for c in ENSEMBL_COLUMNS if c in cols), None))
 
 
@@ -145,11 +151,21 @@ def gene_symbols(adata, row, upper: bool = True) -> np.ndarray:
         symbols = adata.var[row["symbol_col"]].astype(str).to_numpy()
     elif row["gene_id_type"] == "symbol":
         symbols = np.asarray(adata.var_names.astype(str))
+    elif row["gene_id_type"] == "entrez":
+        symbols = gene_ids.entrez_symbols(entrez_ids(adata))
     else:
         raise UserError(f"dataset {row['dataset']!r} has Ensembl IDs and no gene-symbol column: "
                         "re-ingest with --symbol-col naming the var column that holds symbols")
     symbols = symbols.astype(str)
     return np.char.upper(symbols) if upper else symbols
+
+
+def entrez_ids(adata) -> np.ndarray:
+    """The NCBI Gene (Entrez) IDs of a dataset ingested with gene_id_type 'entrez', in var order."""
+    ids = gene_ids.as_entrez(adata.var_names)
+    if ids is None:
+        raise UserError("the source file's var_names are no longer NCBI Gene (Entrez) IDs: re-ingest it with --replace")
+    return ids
 
 
 def verify_source(row) -> Path:

@@ -30,7 +30,8 @@ class PanelExpression(Backbone):
         return len(self.panel)
 
     def mapping(self, source):
-        src_cols, dst = panel_columns(self.panel, source.symbols())
+        entrez = source.entrez_ids() if hasattr(source, "entrez_ids") else None
+        src_cols, dst = panel_columns(self.panel, source.symbols(), entrez)
         if len(dst) == 0:
             raise UserError(f"dataset {source.name!r} shares no gene with the {self.panel.name} panel: "
                             "check its gene symbols, or pass --option panel=FILE")
