@@ -14,7 +14,7 @@ def require_dependencies() -> None:
     """A one-line :class:`UserError` naming the extra when a web dependency is missing."""
     missing = []
     for module, package in (("starlette", "starlette"), ("uvicorn", "uvicorn"), ("jinja2", "jinja2"),
-                            ("multipart", "python-multipart")):
+                            ("python_multipart", "python-multipart")):
         try:
             __import__(module)
         except ImportError:

@@ -19,7 +19,7 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
@@ -189,7 +189,10 @@ def create_app(settings: Settings) -> Starlette:
             raise Refused(413, f"the upload is larger than the server's limit of "
                                f"{settings.max_upload_bytes / 1e6:,.0f} MB: start the server with a larger "
                                "--max-upload-mb")
-        form = await request.form(max_files=1, max_fields=30)
+        try:
+            form = await request.form(max_files=1, max_fields=30)
+        except ClientDisconnect:
+            return Response(status_code=400)
         st = store()
         models = data.model_names(st)
         values = {k: str(v) for k, v in form.items() if isinstance(v, str)}
