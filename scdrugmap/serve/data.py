@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pandas as pd
 
+from ..errors import UserError
 from ..store.store import Store
 
 BASELINES = ("hvg", "pca")        # backbones without weights: what an upload is extracted with
@@ -61,6 +62,8 @@ def leaderboard(store: Store, metric: str, protocol: str | None, head: str | Non
     frame = board(store, metric=metric, protocol=protocol)
     if head:
         frame = frame[frame["head"] == head].reset_index(drop=True)
+        if frame.empty:
+            raise UserError(f"no runs with head {head!r} for this selection: choose another head or protocol")
     if bootstrap and len(frame):
         frame = add_intervals(store, frame, metric, n=bootstrap, seed=seed)
     return frame
