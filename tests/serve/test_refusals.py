@@ -146,3 +146,5 @@ def test_serve_needs_its_extra_and_warns_off_loopback(st, monkeypatch):
     assert "warning: listening on 0.0.0.0: the app is reachable from other machines" in r.stderr
     r = runner.invoke(main, ["serve", "--store", str(st.parent / "nope")])
     assert r.exit_code == 2 and "does not exist" in r.stderr
+    r = runner.invoke(main, ["serve", "--help"])
+    assert r.exit_code == 0 and "Examples:" in r.output and "--allow-writes" in r.output
