@@ -14,6 +14,7 @@ import io
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlencode
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -269,7 +270,7 @@ def create_app(settings: Settings) -> Starlette:
         return {"model": model, "summary": data.table(summary), "cells": data.table(cells),
                 "n_cells": len(pred.cells), "n_resistant": int((pred.cells["call"] == "resistant").sum()),
                 "notes": pred.notes, "seconds": round(pred.seconds["total"], 2),
-                "csv": f"/predictions.csv?model={model}&dataset={name}"}
+                "csv": "/predictions.csv?" + urlencode({"model": model, "dataset": name})}
 
     async def predict_existing(request: Request):
         require_writes(request)

@@ -97,6 +97,15 @@ def test_the_sql_box_cannot_write_or_read_files(small_store, query, match):
     assert snapshot(small_store) == before
 
 
+def test_values_are_escaped_in_pages(small_store):
+    import urllib.parse
+
+    with running(small_store) as base:
+        query = urllib.parse.quote("SELECT '<script>alert(1)</script>' AS x")
+        r = http(f"{base}/sql?q={query}")
+        assert r.status == 200 and b"&lt;script&gt;alert(1)&lt;/script&gt;" in r.body and b"<script>alert" not in r.body
+
+
 def test_path_like_names_other_sites_and_other_hosts_are_refused(st, pc9):
     before = snapshot(st)
     with running(st, allow_writes=True) as base:
