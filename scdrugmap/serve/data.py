@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import math
+import threading
 
 import numpy as np
 import pandas as pd
@@ -54,7 +55,40 @@ def dataset_counts(store: Store, name: str) -> dict[str, pd.DataFrame]:
     return out
 
 
+_BOARDS: dict = {}               # the last leaderboards shown, by request and state of the index
+_BOARDS_KEPT = 16
+_BOARDS_LOCK = threading.Lock()
+
+
+def index_state(store: Store) -> tuple:
+    """Changes whenever the index does (its file or its write-ahead log)."""
+    out = []
+    for path in (store.index_path, store.index_path.with_name(store.index_path.name + ".wal")):
+        try:
+            st = path.stat()
+            out.append((st.st_mtime_ns, st.st_size))
+        except OSError:
+            out.append(None)
+    return tuple(out)
+
+
 def leaderboard(store: Store, metric: str, protocol: str | None, head: str | None, bootstrap: int, seed: int = 0):
+    """:func:`compute_leaderboard`, kept while the index is unchanged (the intervals of a
+    paper-size store take seconds; a reload or another filter of the same page does not)."""
+    key = (str(store.path), metric, protocol, head, bootstrap, seed, index_state(store))
+    with _BOARDS_LOCK:
+        kept = _BOARDS.get(key)
+    if kept is None:
+        kept = compute_leaderboard(store, metric, protocol, head, bootstrap, seed)
+        with _BOARDS_LOCK:
+            while len(_BOARDS) >= _BOARDS_KEPT:
+                _BOARDS.pop(next(iter(_BOARDS)))
+            _BOARDS[key] = kept
+    return kept.copy()
+
+
+def compute_leaderboard(store: Store, metric: str, protocol: str | None, head: str | None, bootstrap: int,
+                        seed: int = 0):
     """The leaderboard (latest run of each configuration), filtered, with bootstrap intervals."""
     from ..probe.confidence import add_intervals
     from ..probe.leaderboard import leaderboard as board

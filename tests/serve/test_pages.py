@@ -132,3 +132,5 @@ def test_train_a_probe_in_the_background(served, browser):
     b.js("document.getElementById('run').click()")
     wait_for(b, f"return document.title.startsWith('Run {run_id}')", "the run page")
     no_errors(b, "trained-run")
+    b.open(f"{base}/leaderboard?metric=f1")         # shown before the run: not kept once the index changed
+    assert run_id in b.js("return document.body.innerText")
