@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from ..errors import UserError
+from ..progress import report_to
 
 
 @dataclass
@@ -26,6 +27,8 @@ class Job:
     step: int = 0
     total: int = 1
     message: str = "waiting for the worker"
+    detail: str = ""                   # the current progress bar of the work: "<what>: done of total"
+    fraction: float = 0.0              # of that bar
     error: str | None = None
     result: dict = field(default_factory=dict)
     started: float = field(default_factory=time.time)
@@ -33,7 +36,8 @@ class Job:
 
     def status(self) -> dict:
         return {"id": self.id, "kind": self.kind, "title": self.title, "state": self.state, "step": self.step,
-                "total": self.total, "message": self.message, "error": self.error,
+                "total": self.total, "message": self.message, "detail": self.detail,
+                "fraction": round(self.fraction, 4), "error": self.error,
                 "seconds": round((self.finished or time.time()) - self.started, 2)}
 
 
@@ -47,6 +51,13 @@ class Progress:
         with self.lock:
             self.job.step = step
             self.job.message = message
+            self.job.detail, self.job.fraction = "", 0.0
+
+    def bar(self, description: str, done: int, total: int) -> None:
+        """Where the work's own progress bar is (:func:`scdrugmap.progress.report_to`)."""
+        with self.lock:
+            self.job.detail = f"{description}: {done:,} of {total:,}"
+            self.job.fraction = min(1.0, done / total) if total else 0.0
 
 
 class Jobs:
@@ -65,8 +76,10 @@ class Jobs:
         def run():
             with self._lock:
                 job.state, job.message, job.started = "running", "starting", time.time()
+            progress = Progress(job, self._lock)
             try:
-                result = work(Progress(job, self._lock))
+                with report_to(progress.bar):
+                    result = work(progress)
             except UserError as e:
                 self._finish(job, "failed", error=" ".join(str(e).split()))
             except Exception as e:             # noqa: BLE001 (shown in the page, logged in full)
