@@ -51,3 +51,29 @@ def test_a_csv_of_pc9_cells_is_predicted(store_copy, tmp_path, pc9):
     assert json.loads(row["label_map"]) == {"control": "sensitive", "erlotinib": "resistant"}
     assert len(store.sql("SELECT * FROM predictions WHERE dataset = 'pc9csv'")) == 120
     assert [p.suffix for p in (tmp_path / "up").iterdir()] == [".h5ad"]
+
+
+def test_predict_a_stored_dataset_from_its_page(store_copy, tmp_path):
+    from scdrugmap.inference import fit_model
+    from scdrugmap.inference import predict as run_predict
+    from webapp import form
+
+    st = store_copy()
+    fit_model(Store.open(st), "pca", "lr", where="dataset <> 'SimData1'", show_progress=False)
+    with running(st, allow_writes=True, upload_dir=tmp_path / "up") as base:
+        page = http(f"{base}/datasets/SimData1").text
+        assert 'action="/predict"' in page and "<option>pca-lr</option>" in page
+        data, headers = form({"dataset": "SimData1", "model": "pca-lr"})
+        r = http(f"{base}/predict", data=data, headers=headers)
+        assert r.status == 303
+        assert wait_job(base, r.headers["Location"])["state"] == "done"
+        page = http(f"{base}{r.headers['Location']}").text
+        csv_text = http(f"{base}/predictions.csv?model=pca-lr&dataset=SimData1").text
+    # per-patient and per-sample rows, with the mean probabilities of predict's own summary
+    expected = run_predict(Store.open(st), "pca-lr", "SimData1", show_progress=False).summary
+    rows = expected[expected["level"].isin(["patient", "sample"])]
+    assert set(rows["level"]) == {"patient", "sample"} and len(rows) >= 3
+    for row in rows.itertuples():
+        assert f"<td>{row.level}</td><td>{row.group}</td>" in page
+        assert f"{row.mean_probability:.3f}" in page
+    assert len(csv_text.strip().splitlines()) == 1 + 80
