@@ -89,27 +89,27 @@ def create_app(settings: Settings) -> Starlette:
                 raise Refused(403, f"a form posted from {origin} is refused: use the app's own pages")
 
     # ---- read-only pages -------------------------------------------------------------------
-    async def index(request: Request):
-        frame = await run_in_threadpool(lambda: data.datasets(store()))
+    def index(request: Request):
+        frame = data.datasets(store())
         return page(request, "index.html", datasets=data.table(frame), names=list(frame["dataset"]))
 
-    async def dataset(request: Request):
+    def dataset(request: Request):
         name = checked(request.path_params["name"], NAME_RE, "dataset name")
         st = store()
         if name not in st.dataset_names():
             raise Refused(404, f"unknown dataset {name!r}: see the list of datasets")
-        counts = await run_in_threadpool(data.dataset_counts, st, name)
+        counts = data.dataset_counts(st, name)
         row = st.datasets().set_index("dataset").loc[name]
         return page(request, "dataset.html", name=name, row={k: data.cell_text(v) for k, v in row.items()},
                     counts={k: data.table(v) for k, v in counts.items()},
                     models=data.model_names(st) if settings.allow_writes else [])
 
-    async def sql(request: Request):
+    def sql(request: Request):
         query = request.query_params.get("q", "")
         result, error, total = None, None, 0
         if query.strip():
             try:
-                frame = await run_in_threadpool(store().sql, query)
+                frame = store().sql(query)
                 total = len(frame)
                 result = data.table(frame.head(data.MAX_SQL_ROWS), "{:.4g}")
             except UserError as e:
@@ -119,15 +119,15 @@ def create_app(settings: Settings) -> Starlette:
                     result=result, error=error, total=total, shown=min(total, data.MAX_SQL_ROWS),
                     status=400 if error else 200)
 
-    async def sql_csv(request: Request):
+    def sql_csv(request: Request):
         query = request.query_params.get("q", "")
         try:
-            frame = await run_in_threadpool(store().sql, query)
+            frame = store().sql(query)
         except UserError as e:
             raise Refused(400, " ".join(str(e).split())) from None
         return csv_response(frame, "query.csv")
 
-    async def leaderboard(request: Request):
+    def leaderboard(request: Request):
         q = request.query_params
         metric = q.get("metric", "f1")
         protocol = q.get("protocol") or None
@@ -143,7 +143,7 @@ def create_app(settings: Settings) -> Starlette:
         st = store()
         sections, error = [], None
         try:
-            frame = await run_in_threadpool(data.leaderboard, st, metric, protocol, head, bootstrap)
+            frame = data.leaderboard(st, metric, protocol, head, bootstrap)
             for (cohort, prot), part in frame.groupby(["cohort", "protocol"], sort=False):
                 sections.append({"title": f"protocol {prot}, cohort: {cohort or 'all cells'}",
                                  "table": data.table(part.drop(columns=["cohort", "protocol"])),
@@ -152,29 +152,29 @@ def create_app(settings: Settings) -> Starlette:
             error = " ".join(str(e).split())
         return page(request, "leaderboard.html", sections=sections, error=error, metric=metric,
                     metrics=METRIC_COLUMNS, protocol=protocol or "", protocols=("pooled", "cross", "zero-shot"),
-                    head=head or "", heads=await run_in_threadpool(data.heads, st), bootstrap=bootstrap)
+                    head=head or "", heads=data.heads(st), bootstrap=bootstrap)
 
-    async def run(request: Request):
+    def run(request: Request):
         run_id = checked(request.path_params["run_id"], RUN_ID_RE, "run id")
         metric = request.query_params.get("metric", "f1")
         if metric not in METRIC_COLUMNS:
             raise Refused(400, f"unknown metric {metric!r}: use one of {', '.join(METRIC_COLUMNS)}")
-        info = await run_in_threadpool(data.run_page, store(), run_id, metric)
+        info = data.run_page(store(), run_id, metric)
         if info is None:
             raise Refused(404, f"no run {run_id!r}: run ids are in the leaderboard")
         return page(request, "run.html", run_id=run_id, settings=info["settings"],
                     results=data.table(info["results"]), figures=info["figures"])
 
-    async def predictions_csv(request: Request):
+    def predictions_csv(request: Request):
         model = checked(request.query_params.get("model"), NAME_RE, "model name")
         name = checked(request.query_params.get("dataset"), NAME_RE, "dataset name")
-        frame = await run_in_threadpool(data.predictions, store(), model, name)
+        frame = data.predictions(store(), model, name)
         if frame.empty:
             raise Refused(404, f"no predictions of model {model!r} for dataset {name!r}")
         return csv_response(frame, f"predictions-{model}-{name}.csv")
 
     # ---- writes: upload + extract + predict, train --------------------------------------------
-    async def upload_form(request: Request):
+    def upload_form(request: Request):
         st = store()
         return page(request, "upload.html", models=data.model_names(st), max_mb=settings.max_upload_bytes / 1e6)
 
@@ -194,8 +194,7 @@ def create_app(settings: Settings) -> Starlette:
             form = await request.form(max_files=1, max_fields=30)
         except ClientDisconnect:
             return Response(status_code=400)
-        st = store()
-        models = data.model_names(st)
+        models = await run_in_threadpool(lambda: data.model_names(store()))
         values = {k: str(v) for k, v in form.items() if isinstance(v, str)}
 
         def again(message: str, status: int = 400):
@@ -277,15 +276,19 @@ def create_app(settings: Settings) -> Starlette:
         form = await request.form(max_files=0, max_fields=10)
         name = checked(form.get("dataset"), NAME_RE, "dataset name")
         model = checked(form.get("model"), NAME_RE, "model name")
-        st = store()
-        if name not in st.dataset_names():
-            raise Refused(404, f"unknown dataset {name!r}")
-        if model not in data.model_names(st):
-            raise Refused(404, f"unknown model {model!r}")
+
+        def check():
+            st = store()
+            if name not in st.dataset_names():
+                raise Refused(404, f"unknown dataset {name!r}")
+            if model not in data.model_names(st):
+                raise Refused(404, f"unknown model {model!r}")
+
+        await run_in_threadpool(check)
         job = start_extract_predict(name, model, f"dataset {name}")
         return RedirectResponse(f"/jobs/{job.id}", status_code=303)
 
-    async def train_form(request: Request):
+    def train_form(request: Request):
         st = store()
         return page(request, "train.html", backbones=st.extracted_backbones(), heads=("lr", "lgbm", "mlp"),
                     protocols=("pooled", "cross"), groupings=("auto", "sample", "patient", "none"))
@@ -296,11 +299,11 @@ def create_app(settings: Settings) -> Starlette:
 
         require_writes(request)
         form = await request.form(max_files=0, max_fields=10)
-        st = store()
+        backbones = await run_in_threadpool(lambda: store().extracted_backbones())
         backbone, head = form.get("backbone", ""), form.get("head", "")
         protocol, group_by = form.get("protocol", "pooled"), form.get("group_by", "auto")
         where = (form.get("where") or "").strip() or None
-        if backbone not in st.extracted_backbones():
+        if backbone not in backbones:
             raise Refused(400, f"backbone {backbone!r} has no embeddings in this store")
         if head not in ("lr", "lgbm", "mlp") or protocol not in ("pooled", "cross") or \
                 group_by not in ("auto", "sample", "patient", "none"):
@@ -309,7 +312,7 @@ def create_app(settings: Settings) -> Starlette:
             if len(where) > WHERE_MAX:
                 raise Refused(400, "the cohort condition is too long")
             try:
-                check_condition(where, "cohort", "cohort")
+                await run_in_threadpool(check_condition, where, "cohort", "cohort")
             except UserError as e:
                 raise Refused(400, " ".join(str(e).split())) from None
 
@@ -323,13 +326,13 @@ def create_app(settings: Settings) -> Starlette:
         job = jobs.submit("train", f"probe {backbone} · {head} · {protocol}", 2, work)
         return RedirectResponse(f"/jobs/{job.id}", status_code=303)
 
-    async def job_page(request: Request):
+    def job_page(request: Request):
         job = jobs.get(checked(request.path_params["job_id"], JOB_ID_RE, "job id"))
         if job is None:
             raise Refused(404, "no such job (jobs are kept while the server runs)")
         return page(request, "job.html", job=job)
 
-    async def job_status(request: Request):
+    def job_status(request: Request):
         job = jobs.get(checked(request.path_params["job_id"], JOB_ID_RE, "job id"))
         if job is None:
             return JSONResponse({"error": "no such job"}, status_code=404)

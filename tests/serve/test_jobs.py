@@ -63,3 +63,27 @@ def test_a_failing_job_keeps_one_line():
     assert _wait(jobs, b)["error"] == "ValueError: boom"
     assert jobs.get("nope") is None
     jobs.shutdown()
+
+
+def test_the_server_answers_while_a_page_waits_for_a_busy_index(store_copy):
+    import concurrent.futures
+
+    import pytest
+
+    pytest.importorskip("uvicorn", reason="scdrugmap[serve] is not installed")
+    from webapp import http, running
+
+    from scdrugmap.store.store import Store
+
+    st = store_copy()
+    with running(st) as base:
+        store = Store.open(st)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            with store.transaction():                        # the index is held, as by a job's write
+                waiting = pool.submit(http, f"{base}/")
+                time.sleep(0.5)
+                assert not waiting.done()                    # the datasets page waits for the index ...
+                t = time.perf_counter()
+                r = http(f"{base}/jobs/0123456789abcdef.json")
+                assert r.status == 404 and time.perf_counter() - t < 1.0      # ... the server does not
+            assert waiting.result(30).status == 200          # and it is answered once the index is free
