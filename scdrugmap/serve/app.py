@@ -248,6 +248,7 @@ def create_app(settings: Settings) -> Starlette:
                                     f"run 'scdrugmap extract --backbone {backbone} --dataset {name} --model-dir ...' "
                                     "and predict from the Datasets page")
                 backbones = sorted(set(backbones) | {backbone})
+            progress.steps(1 + len(backbones) + (model is not None))     # ingested, each extraction, predict
             done = []
             for k, backbone in enumerate(backbones):
                 progress(1 + k, f"extracting {backbone} embeddings of {name}")

@@ -53,6 +53,11 @@ class Progress:
             self.job.message = message
             self.job.detail, self.job.fraction = "", 0.0
 
+    def steps(self, total: int) -> None:
+        """The number of steps, once the work knows it."""
+        with self.lock:
+            self.job.total = max(1, total)
+
     def bar(self, description: str, done: int, total: int) -> None:
         """Where the work's own progress bar is (:func:`scdrugmap.progress.report_to`)."""
         with self.lock:
