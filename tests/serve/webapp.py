@@ -11,11 +11,6 @@ import urllib.parse
 import urllib.request
 import uuid
 
-import pytest
-
-
-
-
 
 def free_port() -> int:
     with socket.socket() as s:
