@@ -13,6 +13,7 @@ from .cli_common import (SEED, Main, check_output_file, echo_notes, emit_table, 
 from .cli_finetune import finetune
 from .cli_predict import fit, models, predict
 from .cli_report import compare, report
+from .cli_serve import serve
 from .cli_store import export, import_embeddings, store_group
 from .store.constants import DEFAULT_CHUNK_ROWS
 
@@ -447,6 +448,7 @@ main.add_command(models)
 main.add_command(predict)
 main.add_command(compare)
 main.add_command(report)
+main.add_command(serve)
 main.add_command(store_group)   # store info/pack/verify/unpack/merge/migrate
 main.add_command(export)
 main.add_command(import_embeddings)
