@@ -60,10 +60,11 @@ class DatasetSource:
 
     def ensembl_ids(self) -> np.ndarray | None:
         col = self.row.get("ensembl_col")
+        var_names, var = src.var_of(self.adata, self.row.get("source_layer"))
         if self.row["gene_id_type"] == "ensembl":
-            ids = np.asarray(self.adata.var_names.astype(str))
+            ids = np.asarray(var_names.astype(str))
         elif col:
-            ids = self.adata.var[col].astype(str).to_numpy()
+            ids = var[col].astype(str).to_numpy()
         else:
             return None
         return np.array([i.split(".")[0] for i in ids])
@@ -150,12 +151,9 @@ def _extract(store, cls, backbone, names, world, model_dir, device, batch_size, 
     reports = [ExtractReport(n, "skipped", rank=world.rank, world_size=world.size) for n in names if n not in todo]
     if not todo:
         return reports
+    rows = store.datasets().set_index("dataset", drop=False)
+    cls.check_values([rows.loc[n].to_dict() for n in todo])     # before any source file is opened
     sources = _sources(store, todo)
-    if cls.needs_counts:
-        refused = [s.name for s in sources if s.value_kind != "counts"]
-        if refused:
-            raise UserError(f"backbone {backbone!r} needs raw counts, but dataset(s) {', '.join(refused)} were "
-                            "ingested as normalized/log1p values: re-ingest raw counts (--replace)")
     with world.joined():
         model = cls(model_dir=model_dir, device=world.device(device), batch_size=batch_size, options=options)
         try:

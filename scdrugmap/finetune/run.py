@@ -125,11 +125,7 @@ def _run(store, cls, backbone, model_dir, protocol, group_by, where, seed, posit
          export_embeddings, dtype, force, show_progress, echo, cells, cohort, sources) -> ProbeRun:
     import torch
 
-    if cls.needs_counts:
-        refused = [s.name for s in sources.values() if s.value_kind != "counts"]
-        if refused:
-            raise UserError(f"backbone {backbone!r} needs raw counts, but dataset(s) {', '.join(refused)} were "
-                            "ingested as normalized/log1p values: re-ingest raw counts (--replace)")
+    cls.check_values(sources.values())
     batch = batch_size or cls.finetune_batch_size or cls.default_batch_size
     model = cls(model_dir=model_dir, device=device, batch_size=batch, options=options)
     sha = model.checkpoint_sha256()                  # once: some backbones hash the weights on every call
