@@ -51,7 +51,7 @@ from ..extract.engine import TorchBackbone
 from ..extract.runner import _sources
 from ..probe.metrics import score
 from ..probe.run import PROTOCOLS, RESULT_COLUMNS, ProbeRun, _results_frame, _save
-from ..probe.splits import GROUP_BY_CHOICES, cohort_splits
+from ..probe.splits import GROUP_BY_CHOICES, cohort_splits, labelled_cells
 from ..progress import progress_bar
 from ..store import arrays
 from ..store.locks import job_lock
@@ -98,7 +98,9 @@ def run_finetune(store: Store, backbone: str, model_dir=None, protocol: str = "p
     cells = store.cells(where)
     if cells.empty:
         raise UserError(f"store {store.path} has no cells yet: run 'scdrugmap ingest' first")
+    cells, _, unlabelled_notes = labelled_cells(cells, where)
     cohort = cohort_splits(cells, protocol, group_by, seed, positive, n_splits)
+    cohort.notes[:0] = unlabelled_notes
     for split in cohort.splits:
         train = cohort.y[split.train_idx]
         if len(np.unique(train)) < 2:

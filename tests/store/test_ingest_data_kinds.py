@@ -1,0 +1,147 @@
+"""Data that must go in: scaled (z-scored) matrices, counts kept in layers['counts'] or .raw,
+cells without labels, and embeddings-only datasets; built from the shared PC9 data."""
+
+from __future__ import annotations
+
+import json
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from scdrugmap.extract import registry
+from scdrugmap.extract.panel import load_panel
+from scdrugmap.store.store import Store
+from tests.conftest import snapshot
+
+N_CELLS = 300
+
+
+@pytest.fixture(scope="module")
+def pc9_small(tmp_path_factory):
+    """300 PC9 cells (both classes) x the L1000 panel genes present plus 1,000 others: raw counts."""
+    from tests.conftest import PC9, need_shared
+    a = ad.read_h5ad(need_shared(PC9))
+    rng = np.random.default_rng(0)
+    cells = np.sort(np.concatenate([rng.choice(np.flatnonzero(a.obs["response"] == c), N_CELLS // 2, replace=False)
+                                    for c in ("sensitive", "resistant")]))
+    panel = set(load_panel("l1000").symbols)
+    names = np.asarray(a.var_names, dtype=str)
+    in_panel = np.flatnonzero(np.isin(np.char.upper(names.astype(str)), list(panel)))
+    others = rng.choice(np.setdiff1d(np.arange(a.n_vars), in_panel), 1000, replace=False)
+    genes = np.sort(np.concatenate([in_panel, others]))
+    small = a[cells, genes].copy()
+    small.X = sp.csr_matrix(small.X, dtype=np.float32)
+    assert len(in_panel) > 500
+    return small
+
+
+def lognorm(X) -> sp.csr_matrix:
+    X = sp.csr_matrix(X, dtype=np.float64)
+    totals = np.asarray(X.sum(axis=1)).ravel()
+    return sp.csr_matrix(np.log1p(sp.diags(1e4 / totals) @ X), dtype=np.float32)
+
+
+def zscore(X) -> np.ndarray:
+    dense = lognorm(X).toarray()
+    sd = dense.std(axis=0)
+    return ((dense - dense.mean(axis=0)) / np.where(sd > 0, sd, 1)).astype(np.float32)
+
+
+def write(adata, path):
+    adata.write_h5ad(path)
+    return path
+
+
+def ingest(cli, path, store, dataset, *extra):
+    return cli.ok("ingest", path, "--store", store, "--dataset", dataset, *extra, "--quiet")
+
+
+def dataset_row(store, name) -> dict:
+    ds = Store.open(store).datasets()
+    return ds[ds["dataset"] == name].iloc[0].to_dict()
+
+
+def load(store, backbone, dataset):
+    X, _ = Store.open(store).load(backbone, datasets=[dataset], dtype=np.float32)
+    return X
+
+
+# ---- 1. scaled values ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def scaled_store(pc9_small, tmp_path_factory):
+    """A store with a counts dataset and the same cells z-scored (--values scaled)."""
+    from click.testing import CliRunner
+    from scdrugmap.cli import main
+    root = tmp_path_factory.mktemp("scaled")
+    counts = write(pc9_small, root / "counts.h5ad")
+    z = pc9_small.copy()
+    z.X = zscore(pc9_small.X)
+    scaled = write(z, root / "zscored.h5ad")
+    store = root / "st"
+    run = CliRunner()
+    for args in (["ingest", counts, "--dataset", "counts", "--label-col", "response"],
+                 ["ingest", scaled, "--dataset", "z", "--label-col", "response", "--values", "scaled"]):
+        r = run.invoke(main, [str(a) for a in args] + ["--store", str(store), "--quiet"], catch_exceptions=False)
+        assert r.exit_code == 0, r.output
+    return store, scaled, z
+
+
+def test_negative_values_without_values_scaled_are_refused_suggesting_it(cli, scaled_store, tmp_path):
+    store, scaled, _ = scaled_store
+    before = snapshot(store)
+    err = cli.fails("ingest", scaled, "--store", store, "--dataset", "z2", "--label-col", "response",
+                    match="negative values")
+    assert "--values scaled" in err
+    # declared as another kind, negative values are refused too
+    cli.fails("ingest", scaled, "--store", store, "--dataset", "z2", "--label-col", "response",
+              "--values", "log1p", match="--values scaled")
+    assert snapshot(store) == before
+
+
+def test_scaled_dataset_records_its_kind_and_hvg_pca_use_the_values_as_given(cli, scaled_store, tmp_path):
+    store, _, z = scaled_store
+    st = tmp_path / "st"
+    import shutil
+    shutil.copytree(store, st)
+    assert dataset_row(st, "z")["value_kind"] == "scaled"
+    cli.ok("extract", "--store", st, "--backbone", "hvg", "--backbone", "pca", "--quiet")
+    hvg = load(st, "hvg", "z")
+    panel = load_panel("l1000")
+    where = {s: i for i, s in enumerate(panel.symbols)}
+    symbols = np.char.upper(np.asarray(z.var_names, dtype=str))
+    col = next(i for i, s in enumerate(symbols) if s in where)
+    # the panel feature of a scaled dataset is the z-score itself (float16 storage)
+    np.testing.assert_allclose(hvg[:, where[symbols[col]]], z.X[:, col], atol=2e-2, rtol=1e-3)
+    assert (hvg < 0).any()
+    prov = Store.open(st).provenance("hvg")
+    params = json.loads(prov[prov["dataset"] == "z"]["params"].iloc[0])
+    assert params["value_kind"] == "scaled"
+    assert load(st, "pca", "z").shape == (N_CELLS, 50)
+    out = cli.ok("probe", "--store", st, "--backbone", "hvg", "--where", "dataset = 'z'", "--quiet").output
+    assert "auroc" in out.lower()
+
+
+@pytest.mark.parametrize("backbone", sorted(n for n, c in registry.all_backbones().items()
+                                            if c.value_kinds == ("counts",)))
+def test_count_backbones_refuse_scaled_values_in_one_line(cli, scaled_store, backbone, tmp_path):
+    store, _, _ = scaled_store
+    before = snapshot(store)
+    err = cli.fails("extract", "--store", store, "--backbone", backbone, "--dataset", "z",
+                    "--model-dir", tmp_path, "--quiet", match=f"{backbone} needs raw counts")
+    assert "'z'" not in err and "z hold scaled values" in err and "--layer counts" in err
+    assert snapshot(store) == before
+
+
+def test_import_embeddings_works_on_a_scaled_dataset(cli, scaled_store, tmp_path):
+    store, _, _ = scaled_store
+    import shutil
+    st = tmp_path / "st"
+    shutil.copytree(store, st)
+    E = np.random.default_rng(1).normal(size=(N_CELLS, 16)).astype(np.float32)
+    np.save(tmp_path / "e.npy", E)
+    cli.ok("import-embeddings", "--store", st, "--dataset", "z", "--backbone", "api", "--from", tmp_path / "e.npy",
+           "--dtype", "float32")
+    np.testing.assert_array_equal(load(st, "api", "z"), E)
