@@ -145,3 +145,68 @@ def test_import_embeddings_works_on_a_scaled_dataset(cli, scaled_store, tmp_path
     cli.ok("import-embeddings", "--store", st, "--dataset", "z", "--backbone", "api", "--from", tmp_path / "e.npy",
            "--dtype", "float32")
     np.testing.assert_array_equal(load(st, "api", "z"), E)
+
+
+# ---- 2. counts in layers['counts'] or .raw ---------------------------------------------------
+def _lognorm_with(pc9_small, where: str):
+    """X log-normalised on a gene subset (as after scanpy's HVG selection), raw counts kept in
+    layers['counts'] (same genes as X) or .raw (every gene, as ``adata.raw = adata`` keeps)."""
+    full = pc9_small.copy()
+    if where == "raw":
+        full.raw = full                               # raw counts, all genes
+    sub = full[:, : full.n_vars // 2].copy() if where == "raw" else full.copy()
+    if where in ("layer", "both"):
+        sub.layers["counts"] = sub.X.copy()
+    if where == "both":
+        sub.raw = sub
+    sub.X = lognorm(sub.X)
+    return sub
+
+
+def test_counts_layer_is_detected_used_and_recorded(cli, pc9_small, tmp_path):
+    path = write(_lognorm_with(pc9_small, "layer"), tmp_path / "layer.h5ad")
+    out = ingest(cli, path, tmp_path / "st", "ln", "--label-col", "response").output
+    assert "X holds non-integer values, so the raw counts in layers['counts'] are used" in out
+    row = dataset_row(tmp_path / "st", "ln")
+    assert (row["source_layer"], row["value_kind"]) == ("counts", "counts")
+    # declared values take X as given
+    ingest(cli, path, tmp_path / "st", "ln2", "--label-col", "response", "--values", "log1p")
+    row = dataset_row(tmp_path / "st", "ln2")
+    assert row["source_layer"] is None and row["value_kind"] == "log1p"
+
+
+def test_raw_is_detected_and_extraction_reads_its_genes(cli, pc9_small, tmp_path):
+    st = tmp_path / "st"
+    path = write(_lognorm_with(pc9_small, "raw"), tmp_path / "raw.h5ad")
+    out = ingest(cli, path, st, "viaraw", "--label-col", "response").output
+    assert "raw counts in .raw are used" in out and f"{pc9_small.n_vars:,} genes" in out
+    row = dataset_row(st, "viaraw")
+    assert (row["source_layer"], row["value_kind"], row["n_genes"]) == (".raw", "counts", pc9_small.n_vars)
+    ingest(cli, write(pc9_small, tmp_path / "plain.h5ad"), st, "plain", "--label-col", "response")
+    cli.ok("extract", "--store", st, "--backbone", "hvg", "--quiet")
+    # .raw holds every gene: the panel features equal those of the same counts given as X
+    np.testing.assert_array_equal(load(st, "hvg", "viaraw"), load(st, "hvg", "plain"))
+
+
+def test_use_raw_explicitly_and_its_refusals(cli, pc9_small, tmp_path):
+    st = tmp_path / "st"
+    raw_file = write(_lognorm_with(pc9_small, "raw"), tmp_path / "raw.h5ad")
+    ingest(cli, raw_file, st, "a", "--label-col", "response", "--use-raw")
+    assert dataset_row(st, "a")["source_layer"] == ".raw"
+    before = snapshot(st)
+    both = write(_lognorm_with(pc9_small, "both"), tmp_path / "both.h5ad")
+    err = cli.fails("ingest", both, "--store", st, "--dataset", "b", "--label-col", "response",
+                    match="both layers['counts'] and .raw hold raw counts")
+    assert "--layer counts or --use-raw" in err
+    cli.fails("ingest", write(pc9_small, tmp_path / "plain.h5ad"), "--store", st, "--dataset", "b",
+              "--label-col", "response", "--use-raw", match="the file has no .raw")
+    cli.fails("ingest", both, "--store", st, "--dataset", "b", "--label-col", "response", "--use-raw",
+              "--layer", "counts", match="give one of them")
+    lognorm_only = pc9_small.copy()
+    lognorm_only.X = lognorm(lognorm_only.X)
+    cli.fails("ingest", write(lognorm_only, tmp_path / "ln.h5ad"), "--store", st, "--dataset", "b",
+              "--label-col", "response", match="non-integer values, so it is not raw counts")
+    assert snapshot(st) == before
+    # the ambiguous file goes in once the matrix is named
+    ingest(cli, both, st, "b", "--label-col", "response", "--layer", "counts")
+    assert dataset_row(st, "b")["source_layer"] == "counts"
