@@ -210,3 +210,63 @@ def test_use_raw_explicitly_and_its_refusals(cli, pc9_small, tmp_path):
     # the ambiguous file goes in once the matrix is named
     ingest(cli, both, st, "b", "--label-col", "response", "--layer", "counts")
     assert dataset_row(st, "b")["source_layer"] == "counts"
+
+
+# ---- 3. cells without labels -----------------------------------------------------------------
+def test_unlabelled_cells_are_extracted_and_predicted_never_trained_or_scored(cli, pc9_small, gbm, tmp_path):
+    st = tmp_path / "st"
+    ingest(cli, write(pc9_small, tmp_path / "pc9.h5ad"), st, "pc9", "--label-col", "response")
+    out = cli.ok("ingest", gbm, "--store", st, "--dataset", "gbm", "--quiet")
+    assert "5,000 unlabelled" in out.output and "no labels" in out.stderr
+    row = dataset_row(st, "gbm")
+    assert row["label_col"] is None and (row["n_sensitive"], row["n_resistant"]) == (0, 0)
+    s = Store.open(st)
+    assert s.sql("SELECT count(*) n FROM cells WHERE dataset = 'gbm' AND label IS NULL")["n"][0] == 5000
+    cli.ok("extract", "--store", st, "--backbone", "hvg", "--quiet")
+    assert load(st, "hvg", "gbm").shape == (5000, 978)
+
+    out = cli.ok("probe", "--store", st, "--backbone", "hvg", "--quiet").output
+    assert "5,000 unlabelled cells of the selection were left out" in out
+    runs = Store.open(st).sql("SELECT n_cells, datasets FROM probe_runs")
+    assert runs["n_cells"].tolist() == [N_CELLS] and list(runs["datasets"][0]) == ["pc9"]
+
+    before = snapshot(st)
+    cli.fails("probe", "--store", st, "--backbone", "hvg", "--where", "dataset = 'gbm'", "--quiet",
+              match="have no sensitive/resistant label, so there is nothing to train or score")
+    cli.fails("fit", "--store", st, "--backbone", "hvg", "--where", "dataset = 'gbm'", "--quiet",
+              match="no labelled cells")
+    assert snapshot(st) == before
+
+    cli.ok("fit", "--store", st, "--backbone", "hvg", "--quiet")
+    fitted = Store.open(st).sql("SELECT n_cells FROM models")["n_cells"].tolist()
+    assert fitted == [N_CELLS]                        # fitted on the labelled cells only
+    cli.ok("predict", "--store", st, "--model", "hvg-lr", "--dataset", "gbm", "--csv", tmp_path / "p.csv",
+           "--quiet")
+    pred = pd.read_csv(tmp_path / "p.csv")
+    assert len(pred) == 5000 and pred.filter(like="score").notna().all().all()
+
+
+def test_label_column_with_empty_values_keeps_those_cells_unlabelled(cli, pc9_small, tmp_path):
+    a = pc9_small.copy()
+    labels = a.obs["response"].astype(object).to_numpy()
+    labels[:25] = None
+    labels[25:30] = ""
+    a.obs["response"] = pd.Categorical(labels)
+    res = cli.ok("ingest", write(a, tmp_path / "holes.h5ad"), "--store", tmp_path / "st", "--dataset", "h",
+                 "--label-col", "response", "--quiet")
+    assert "30 cells have no value in label column 'response'" in res.stderr
+    s = Store.open(tmp_path / "st")
+    got = s.sql("SELECT count(*) FILTER (WHERE label IS NULL) n_null, count(*) FILTER (WHERE label_raw IS NULL) "
+                "n_raw_null, count(*) n FROM cells")
+    assert got.iloc[0].tolist() == [30, 30, N_CELLS]
+    row = dataset_row(tmp_path / "st", "h")
+    assert row["n_sensitive"] + row["n_resistant"] == N_CELLS - 30
+    assert "30 unlabelled" in res.output
+    # a column with no value at all is refused
+    a.obs["empty"] = pd.Categorical([None] * a.n_obs, categories=["x"])
+    before = snapshot(tmp_path / "st")
+    cli.fails("ingest", write(a, tmp_path / "holes2.h5ad"), "--store", tmp_path / "st", "--dataset", "h2",
+              "--label-col", "empty", match="leave out --label-col")
+    cli.fails("ingest", tmp_path / "holes2.h5ad", "--store", tmp_path / "st", "--dataset", "h2",
+              "--sensitive", "x", match="--sensitive/--resistant need --label-col")
+    assert snapshot(tmp_path / "st") == before
