@@ -57,6 +57,12 @@ class Option:
         return value
 
 
+def _which(names, one: str, many: str) -> str:
+    if len(names) == 1:
+        return f"dataset {names[0]!r} {one}"
+    return f"datasets {', '.join(map(repr, names))} {many}"
+
+
 class Backbone:
     """One frozen model (or baseline) that turns a dataset's cells into embeddings.
 
@@ -92,13 +98,14 @@ class Backbone:
         rows = [getattr(r, "row", r) for r in rows]
         empty = [r["dataset"] for r in rows if r["value_kind"] == "none"]
         if empty:
-            raise UserError(f"{cls.name} needs expression, but dataset(s) {', '.join(empty)} have none "
-                            "(embeddings-only): bring their embeddings with 'scdrugmap import-embeddings'")
+            raise UserError(f"backbone {cls.name!r} needs expression, but {_which(empty, 'has', 'have')} none "
+                            "(embeddings-only): bring the embeddings with 'scdrugmap import-embeddings'")
         bad = [r for r in rows if r["value_kind"] not in cls.value_kinds]
         if bad:
-            kinds = sorted({r["value_kind"] for r in bad})
-            raise UserError(f"{cls.name} needs {cls.values_needed}, but dataset(s) {', '.join(r['dataset'] for r in bad)} "
-                            f"hold {'/'.join(kinds)} values: re-ingest with --replace from its raw counts "
+            kinds = "/".join(sorted({r["value_kind"] for r in bad}))
+            raise UserError(f"backbone {cls.name!r} needs {cls.values_needed}, but "
+                            f"{_which([r['dataset'] for r in bad], 'holds', 'hold')} {kinds} values: "
+                            "re-ingest with --replace from the raw counts "
                             "(--layer counts or --use-raw), or use the hvg or pca baselines")
 
     def __init__(self, model_dir=None, device: str = "cpu", batch_size: int | None = None,

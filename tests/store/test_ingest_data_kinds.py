@@ -130,8 +130,8 @@ def test_count_backbones_refuse_scaled_values_in_one_line(cli, scaled_store, bac
     store, _, _ = scaled_store
     before = snapshot(store)
     err = cli.fails("extract", "--store", store, "--backbone", backbone, "--dataset", "z",
-                    "--model-dir", tmp_path, "--quiet", match=f"{backbone} needs raw counts")
-    assert "'z'" not in err and "z hold scaled values" in err and "--layer counts" in err
+                    "--model-dir", tmp_path, "--quiet", match=f"backbone '{backbone}' needs raw counts")
+    assert "dataset 'z' holds scaled values" in err and "--layer counts" in err
     assert snapshot(store) == before
 
 
@@ -270,3 +270,53 @@ def test_label_column_with_empty_values_keeps_those_cells_unlabelled(cli, pc9_sm
     cli.fails("ingest", tmp_path / "holes2.h5ad", "--store", tmp_path / "st", "--dataset", "h2",
               "--sensitive", "x", match="--sensitive/--resistant need --label-col")
     assert snapshot(tmp_path / "st") == before
+
+
+# ---- 4. embeddings-only datasets ------------------------------------------------------------
+def _obs_only(pc9_small, tmp_path, kind: str):
+    if kind == "h5ad":
+        empty = ad.AnnData(X=sp.csr_matrix((pc9_small.n_obs, 0), dtype=np.float32), obs=pc9_small.obs.copy())
+        return write(empty, tmp_path / "cells.h5ad")
+    path = tmp_path / "cells.csv"
+    pc9_small.obs.to_csv(path)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["h5ad", "csv"])
+def test_embeddings_only_dataset_is_served_by_import_embeddings(cli, pc9_small, tmp_path, kind):
+    st = tmp_path / "st"
+    path = _obs_only(pc9_small, tmp_path, kind)
+    out = ingest(cli, path, st, "api", "--label-col", "response", "--sample-col", "sample_id").output
+    assert "embeddings-only" in out and "0 genes" in out
+    row = dataset_row(st, "api")
+    assert (row["n_genes"], row["value_kind"], row["gene_id_type"]) == (0, "none", "none")
+    assert row["n_sensitive"] == row["n_resistant"] == N_CELLS // 2
+    info = json.loads(cli.ok("store", "info", st, "--json").output)
+    assert [(d["dataset"], d["genes"], d["values"]) for d in info["datasets"]] == [("api", 0, "none")]
+
+    before = snapshot(st)
+    for backbone in ("hvg", "pca", "geneformer"):
+        err = cli.fails("extract", "--store", st, "--backbone", backbone, "--model-dir", tmp_path, "--quiet",
+                        match="needs expression, but dataset 'api' has none (embeddings-only)")
+        assert "scdrugmap import-embeddings" in err
+    cli.fails("ingest", path, "--store", st, "--dataset", "api2", "--label-col", "response", "--values", "scaled",
+              match="the file has no genes")
+    assert snapshot(st) == before
+
+    E = np.random.default_rng(2).normal(size=(N_CELLS, 24)).astype(np.float32)
+    E[pc9_small.obs["response"].to_numpy() == "resistant", 0] += 3     # a separable signal
+    np.save(tmp_path / "e.npy", E)
+    (tmp_path / "ids.txt").write_text("\n".join(pc9_small.obs_names) + "\n")
+    cli.ok("import-embeddings", "--store", st, "--dataset", "api", "--backbone", "webapi", "--from",
+           tmp_path / "e.npy", "--cell-ids", tmp_path / "ids.txt", "--dtype", "float32")
+    np.testing.assert_array_equal(load(st, "webapi", "api"), E)
+    cli.ok("probe", "--store", st, "--backbone", "webapi", "--group-by", "none", "--quiet")
+    auroc = Store.open(st).sql("SELECT avg(auroc) v FROM probe_results WHERE status = 'ok'")["v"][0]
+    assert auroc > 0.9
+
+
+def test_embeddings_only_datasets_listing_shows_zero_genes(cli, pc9_small, tmp_path):
+    st = tmp_path / "st"
+    ingest(cli, _obs_only(pc9_small, tmp_path, "h5ad"), st, "api", "--label-col", "response")
+    out = cli.ok("query", "--store", st, "SELECT dataset, n_genes, value_kind FROM datasets").output
+    assert "api" in out and "none" in out
