@@ -89,6 +89,8 @@ class Backbone:
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
+        if "needs_counts" in cls.__dict__ and "value_kinds" not in cls.__dict__ and not cls.needs_counts:
+            cls.value_kinds = ("counts", "normalized", "log1p")     # declared the older way
         cls.needs_counts = tuple(cls.value_kinds) == ("counts",)
 
     @classmethod
