@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
+from scdrugmap.errors import UserError
 from scdrugmap.extract import registry
 from scdrugmap.extract.panel import load_panel
 from scdrugmap.store.store import Store
@@ -320,3 +321,32 @@ def test_embeddings_only_datasets_listing_shows_zero_genes(cli, pc9_small, tmp_p
     ingest(cli, _obs_only(pc9_small, tmp_path, "h5ad"), st, "api", "--label-col", "response")
     out = cli.ok("query", "--store", st, "SELECT dataset, n_genes, value_kind FROM datasets").output
     assert "api" in out and "none" in out
+
+
+def test_scaled_x_with_a_counts_layer_uses_the_counts(cli, pc9_small, tmp_path):
+    a = pc9_small.copy()
+    a.layers["counts"] = a.X.copy()
+    a.X = zscore(a.X)                                 # scanpy's sc.pp.scale after keeping the counts
+    st = tmp_path / "st"
+    out = ingest(cli, write(a, tmp_path / "scaled_counts.h5ad"), st, "s", "--label-col", "response").output
+    assert "X holds negative values, so the raw counts in layers['counts'] are used" in out
+    assert dataset_row(st, "s")["source_layer"] == "counts"
+    # said to be scaled, X is taken as it is
+    ingest(cli, tmp_path / "scaled_counts.h5ad", st, "s2", "--label-col", "response", "--values", "scaled")
+    row = dataset_row(st, "s2")
+    assert row["source_layer"] is None and row["value_kind"] == "scaled"
+
+
+def test_a_backbone_declared_with_needs_counts_false_reads_non_count_values():
+    class Legacy(registry.Backbone):
+        name = "legacy-test"
+        needs_counts = False
+
+    class Counting(registry.Backbone):
+        name = "counting-test"
+
+    assert Legacy.value_kinds == ("counts", "normalized", "log1p") and not Legacy.needs_counts
+    assert Counting.needs_counts and Counting.value_kinds == ("counts",)
+    Legacy.check_values([{"dataset": "d", "value_kind": "log1p"}])
+    with pytest.raises(UserError, match="needs raw counts, but datasets 'a', 'b' hold log1p/scaled values"):
+        Counting.check_values([{"dataset": "a", "value_kind": "scaled"}, {"dataset": "b", "value_kind": "log1p"}])
