@@ -40,14 +40,18 @@ def main():
 @click.argument("file", type=click.Path(path_type=Path))
 @store_option
 @click.option("--dataset", required=True, help="Name of the dataset in the store.")
-@click.option("--label-col", required=True, help="obs column with the response label.")
+@click.option("--label-col", help="obs column with the response label (leave out: cells unlabelled; cells with an "
+              "empty value stay unlabelled).")
 @click.option("--sensitive", multiple=True, help="Label value meaning sensitive (repeatable).")
 @click.option("--resistant", multiple=True, help="Label value meaning resistant (repeatable).")
 @click.option("--sample-col", help="obs column with the sample id.")
 @click.option("--patient-col", help="obs column with the patient id.")
-@click.option("--values", type=click.Choice(["normalized", "log1p"]),
-              help="Say the matrix is not raw counts (backbones that need counts will refuse it).")
-@click.option("--layer", help="Read this layer instead of X (e.g. counts).")
+@click.option("--values", type=click.Choice(["normalized", "log1p", "scaled"]),
+              help="Say the matrix is not raw counts: scaled for z-scored values (negative allowed). Only hvg/pca "
+                   "read non-count values; backbones that need counts refuse them.")
+@click.option("--layer", help="Read this layer instead of X (e.g. counts). Default: X when it holds counts, else "
+              "a 'counts' layer or .raw holding counts.")
+@click.option("--use-raw", is_flag=True, help="Read .raw (scanpy's adata.raw) instead of X.")
 @click.option("--symbol-col", help="var column with gene symbols (auto-detected).")
 @click.option("--drug")
 @click.option("--cancer-type")
@@ -57,30 +61,41 @@ def main():
 @click.option("--replace", is_flag=True, help="Re-ingest an existing dataset (drops its embeddings and results).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def ingest(file, store_path, dataset, label_col, sensitive, resistant, sample_col, patient_col, values, layer,
-           symbol_col, drug, cancer_type, tissue, therapy, regimen, replace, quiet):
+           use_raw, symbol_col, drug, cancer_type, tissue, therapy, regimen, replace, quiet):
     """Validate FILE (.h5ad) and register its cells in the store (created if absent).
 
     Genes (var_names) may be symbols, Ensembl IDs or NCBI Gene (Entrez) IDs; Entrez IDs get
     their symbols and Ensembl IDs from the HGNC table shipped with the package.
+
+    FILE may also be an .h5ad with no genes, or a .csv/.tsv of cells (first column: cell
+    names): an embeddings-only dataset, served by 'scdrugmap import-embeddings'.
 
     \b
     Examples:
       scdrugmap ingest pc9.h5ad --store st --dataset pc9 --label-col response --sample-col sample_id
       scdrugmap ingest gbm.h5ad --store st --dataset gbm --label-col condition \\
           --sensitive ctrl --resistant panobinostat --patient-col patient_id --drug panobinostat
+      scdrugmap ingest zscored.h5ad --store st --dataset z --label-col response --values scaled
+      scdrugmap ingest lognorm.h5ad --store st --dataset ln --label-col response --use-raw
+      scdrugmap ingest new_cells.h5ad --store st --dataset new
+      scdrugmap ingest cells.csv --store st --dataset api --label-col response
     """
     from .store.ingest import IngestRequest
     from .store.ingest import ingest as do_ingest
 
     req = IngestRequest(file=file, dataset=dataset, label_col=label_col, sensitive=sensitive, resistant=resistant,
                         sample_col=sample_col, patient_col=patient_col, values=values, layer=layer,
-                        symbol_col=symbol_col, replace=replace,
+                        use_raw=use_raw, symbol_col=symbol_col, replace=replace,
                         context={"drug": drug, "cancer_type": cancer_type, "tissue": tissue, "therapy": therapy,
                                  "regimen": regimen})
     r = do_ingest(store_path, req, show_progress=not quiet)
     verb = "replaced" if r.replaced else "ingested"
-    click.echo(f"{verb} {r.dataset}: {r.n_cells:,} cells ({r.n_sensitive:,} sensitive, {r.n_resistant:,} resistant), "
-               f"{r.n_genes:,} gene{'' if r.n_genes == 1 else 's'} ({r.gene_id_type}), values: {r.value_kind}")
+    for note in r.notes:
+        click.echo(f"note: {note}")
+    unlabelled = f", {r.n_unlabelled:,} unlabelled" if r.n_unlabelled else ""
+    click.echo(f"{verb} {r.dataset}: {r.n_cells:,} cells ({r.n_sensitive:,} sensitive, {r.n_resistant:,} resistant"
+               f"{unlabelled}), {r.n_genes:,} gene{'' if r.n_genes == 1 else 's'} ({r.gene_id_type}), "
+               f"values: {r.value_kind}")
     for w in r.warnings:
         click.echo(f"warning: {w}", err=True)
 

@@ -85,7 +85,8 @@ def panel_columns(panel: Panel, symbols: np.ndarray, entrez: np.ndarray | None =
 
 def panel_features(block: sp.csr_matrix, src_cols: np.ndarray, dst: np.ndarray, n_panel: int,
                    value_kind: str) -> np.ndarray:
-    """log1p of counts per 10,000 (the cell total taken over *all* its genes) on the panel genes."""
+    """log1p of counts per 10,000 (the cell total taken over *all* its genes) on the panel genes;
+    normalized values get log1p, log1p and scaled values are used as given."""
     block = sp.csr_matrix(block, dtype=np.float64)
     if value_kind == "counts":
         totals = np.asarray(block.sum(axis=1)).ravel()
@@ -95,7 +96,7 @@ def panel_features(block: sp.csr_matrix, src_cols: np.ndarray, dst: np.ndarray, 
         np.log1p(values, out=values)
     elif value_kind == "normalized":
         values = np.log1p(block[:, src_cols].toarray())
-    else:  # log1p: already transformed
+    else:  # log1p: already transformed; scaled (z-scored): used as given
         values = block[:, src_cols].toarray()
     out = np.zeros((block.shape[0], n_panel), dtype=np.float32)
     out[:, dst] = values

@@ -57,6 +57,12 @@ class Option:
         return value
 
 
+def _which(names, one: str, many: str) -> str:
+    if len(names) == 1:
+        return f"dataset {names[0]!r} {one}"
+    return f"datasets {', '.join(map(repr, names))} {many}"
+
+
 class Backbone:
     """One frozen model (or baseline) that turns a dataset's cells into embeddings.
 
@@ -69,13 +75,40 @@ class Backbone:
     name: ClassVar[str]
     summary: ClassVar[str] = ""
     needs_weights: ClassVar[bool] = False      # --model-dir required
-    needs_counts: ClassVar[bool] = True        # refuses --values normalized|log1p datasets
+    # The value kinds (datasets.value_kind) it reads, and what it needs in words; a dataset of
+    # another kind is refused by :meth:`check_values` with one line, before anything is read.
+    value_kinds: ClassVar[tuple[str, ...]] = ("counts",)
+    values_needed: ClassVar[str] = "raw counts"
+    needs_counts: ClassVar[bool] = True        # derived from value_kinds (kept for callers that ask)
     requires: ClassVar[tuple[str, ...]] = ()   # importable modules it needs (e.g. "torch")
     extra: ClassVar[str | None] = None         # pip extra that installs them
     options: ClassVar[dict[str, Option]] = {}
     # The cells of one forward pass attend to each other (CellPLM): which cells share a pass is
     # part of the embedding, so a comparison of two runs must give both the same groups.
     cells_attend: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "needs_counts" in cls.__dict__ and "value_kinds" not in cls.__dict__ and not cls.needs_counts:
+            cls.value_kinds = ("counts", "normalized", "log1p")     # declared the older way
+        cls.needs_counts = tuple(cls.value_kinds) == ("counts",)
+
+    @classmethod
+    def check_values(cls, rows) -> None:
+        """Refuse (one line) datasets whose values this backbone does not read. ``rows`` are
+        dataset rows (dicts with ``dataset`` and ``value_kind``), or objects with ``row``."""
+        rows = [getattr(r, "row", r) for r in rows]
+        empty = [r["dataset"] for r in rows if r["value_kind"] == "none"]
+        if empty:
+            raise UserError(f"backbone {cls.name!r} needs expression, but {_which(empty, 'has', 'have')} none "
+                            "(embeddings-only): bring the embeddings with 'scdrugmap import-embeddings'")
+        bad = [r for r in rows if r["value_kind"] not in cls.value_kinds]
+        if bad:
+            kinds = "/".join(sorted({r["value_kind"] for r in bad}))
+            raise UserError(f"backbone {cls.name!r} needs {cls.values_needed}, but "
+                            f"{_which([r['dataset'] for r in bad], 'holds', 'hold')} {kinds} values: "
+                            "re-ingest with --replace from the raw counts "
+                            "(--layer counts or --use-raw), or use the hvg or pca baselines")
 
     def __init__(self, model_dir=None, device: str = "cpu", batch_size: int | None = None,
                  options: dict | None = None):

@@ -61,19 +61,20 @@ class DatasetSource:
 
     def ensembl_ids(self) -> np.ndarray | None:
         col = self.row.get("ensembl_col")
+        var_names, var = src.var_of(self.adata, self.row.get("source_layer"))
         if self.row["gene_id_type"] == "ensembl":
-            ids = np.asarray(self.adata.var_names.astype(str))
+            ids = np.asarray(var_names.astype(str))
         elif self.row["gene_id_type"] == "entrez" and not col:
             return self._entrez_ensembl()
         elif col:
-            ids = self.adata.var[col].astype(str).to_numpy()
+            ids = var[col].astype(str).to_numpy()
         else:
             return None
         return np.array([i.split(".")[0] for i in ids])
 
     def entrez_ids(self) -> np.ndarray | None:
         """NCBI Gene (Entrez) IDs of the genes, for a dataset ingested with them (else None)."""
-        return src.entrez_ids(self.adata) if self.row["gene_id_type"] == "entrez" else None
+        return src.entrez_ids(self.adata, self.row.get("source_layer")) if self.row["gene_id_type"] == "entrez" else None
 
     def _entrez_ensembl(self) -> np.ndarray:
         return gene_ids.entrez_ensembl(self.entrez_ids())
@@ -160,12 +161,9 @@ def _extract(store, cls, backbone, names, world, model_dir, device, batch_size, 
     reports = [ExtractReport(n, "skipped", rank=world.rank, world_size=world.size) for n in names if n not in todo]
     if not todo:
         return reports
+    rows = store.datasets().set_index("dataset", drop=False)
+    cls.check_values([rows.loc[n].to_dict() for n in todo])     # before any source file is opened
     sources = _sources(store, todo)
-    if cls.needs_counts:
-        refused = [s.name for s in sources if s.value_kind != "counts"]
-        if refused:
-            raise UserError(f"backbone {backbone!r} needs raw counts, but dataset(s) {', '.join(refused)} were "
-                            "ingested as normalized/log1p values: re-ingest raw counts (--replace)")
     with world.joined():
         model = cls(model_dir=model_dir, device=world.device(device), batch_size=batch_size, options=options)
         try:

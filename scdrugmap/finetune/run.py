@@ -51,7 +51,7 @@ from ..extract.engine import TorchBackbone
 from ..extract.runner import _sources
 from ..probe.metrics import score
 from ..probe.run import PROTOCOLS, RESULT_COLUMNS, ProbeRun, _results_frame, _save
-from ..probe.splits import GROUP_BY_CHOICES, cohort_splits
+from ..probe.splits import GROUP_BY_CHOICES, cohort_splits, labelled_cells
 from ..progress import progress_bar
 from ..store import arrays
 from ..store.locks import job_lock
@@ -98,7 +98,9 @@ def run_finetune(store: Store, backbone: str, model_dir=None, protocol: str = "p
     cells = store.cells(where)
     if cells.empty:
         raise UserError(f"store {store.path} has no cells yet: run 'scdrugmap ingest' first")
+    cells, _, unlabelled_notes = labelled_cells(cells, where)
     cohort = cohort_splits(cells, protocol, group_by, seed, positive, n_splits)
+    cohort.notes[:0] = unlabelled_notes
     for split in cohort.splits:
         train = cohort.y[split.train_idx]
         if len(np.unique(train)) < 2:
@@ -125,11 +127,7 @@ def _run(store, cls, backbone, model_dir, protocol, group_by, where, seed, posit
          export_embeddings, dtype, force, show_progress, echo, cells, cohort, sources) -> ProbeRun:
     import torch
 
-    if cls.needs_counts:
-        refused = [s.name for s in sources.values() if s.value_kind != "counts"]
-        if refused:
-            raise UserError(f"backbone {backbone!r} needs raw counts, but dataset(s) {', '.join(refused)} were "
-                            "ingested as normalized/log1p values: re-ingest raw counts (--replace)")
+    cls.check_values(sources.values())
     batch = batch_size or cls.finetune_batch_size or cls.default_batch_size
     model = cls(model_dir=model_dir, device=device, batch_size=batch, options=options)
     sha = model.checkpoint_sha256()                  # once: some backbones hash the weights on every call

@@ -82,9 +82,7 @@ def fold_probabilities(store: Store, run: dict, dataset: str, cells, model_dir, 
                             "provenance.json, or its head is missing): restore the store from its pack")
     [source] = _sources(store, [dataset])
     try:
-        if cls.needs_counts and source.value_kind != "counts":
-            raise UserError(f"backbone {backbone!r} needs raw counts, but dataset {dataset} was ingested as "
-                            f"{source.value_kind} values: re-ingest raw counts (--replace)")
+        cls.check_values([source])
         data = CohortCells(model, {dataset: source}, cells)
         peft_model = adapters.attach(model, lora["targets"], lora["rank"], lora["alpha"], lora["dropout"], 0)
         adapters.set_training(peft_model, False)

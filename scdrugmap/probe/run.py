@@ -28,7 +28,7 @@ from .evaluate import evaluate_heads
 from .heads import make_head
 from .leaderboard import (LEADERBOARD_PROTOCOLS, LEAKY_NOTE, leaderboard,  # noqa: F401 (their old home)
                           leaderboard_sections)
-from .splits import cohort_splits
+from .splits import cohort_splits, labelled_cells
 
 PROTOCOLS = ("pooled", "cross")
 COHORT_COLUMNS = ("label", "sample", "patient")      # all that splits need (besides dataset, row)
@@ -118,6 +118,8 @@ def run_grid(store: Store, backbones, heads=("lr",), protocols=("pooled",), grou
         where, coverage_notes = covered_cohort(store, backbones, cells)
         if where is not None:
             cells = store.cells(where, columns=COHORT_COLUMNS)
+    cells, selection, unlabelled_notes = labelled_cells(cells, where)
+    coverage_notes += unlabelled_notes
     for backbone in backbones:                                   # a missing backbone fails before any work
         store._embedding_rows(backbone, cells)
     try:
@@ -140,7 +142,7 @@ def run_grid(store: Store, backbones, heads=("lr",), protocols=("pooled",), grou
         for backbone in backbones:
             advance.describe(f"{backbone} · loading")
             t0 = time.perf_counter()
-            X, loaded = store.load(backbone, where=where, dtype=np.float32, columns=COHORT_COLUMNS)
+            X, loaded = store.load(backbone, where=selection, dtype=np.float32, columns=COHORT_COLUMNS)
             if not (loaded["dataset"].equals(cells["dataset"]) and loaded["row"].equals(cells["row"])):
                 raise UserError(f"the store changed while {backbone!r} was loaded: run the probe again")
             load_seconds = time.perf_counter() - t0

@@ -268,6 +268,24 @@ def _auto_fallback(y, samples, candidates, failed: str, n_splits: int, seed: int
         pooled_splits(y, None, n_splits=n_splits, seed=seed)
 
 
+def labelled_cells(cells: pd.DataFrame, where: str | None) -> tuple[pd.DataFrame, str | None, list[str]]:
+    """The labelled cells of a selection: cells ingested without a label (NULL) are never used to
+    train or score. Returns the cells (store order), the condition that selects exactly them
+    (to load their embeddings) and a note when some were left out; no labelled cell at all is
+    an error."""
+    unlabelled = cells["label"].isna().to_numpy()
+    if not unlabelled.any():
+        return cells, where, []
+    if unlabelled.all():
+        datasets = ", ".join(dict.fromkeys(cells["dataset"]))
+        raise UserError(f"the selected cells ({datasets}) have no sensitive/resistant label, so there is nothing to "
+                        "train or score: select labelled cells with --where, or re-ingest with --label-col")
+    condition = "label IS NOT NULL" if where is None else f"({where}) AND label IS NOT NULL"
+    note = (f"{int(unlabelled.sum()):,} unlabelled cells of the selection were left out "
+            "(no sensitive/resistant label: never used to train or score)")
+    return cells[~unlabelled].reset_index(drop=True), condition, [note]
+
+
 @dataclass
 class Cohort:
     """The labels and splits of a selected cohort (:func:`cohort_splits`)."""

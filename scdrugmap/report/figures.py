@@ -88,7 +88,7 @@ def embedding_map(xy: np.ndarray, labels: pd.Series, datasets: pd.Series, title:
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.4))
     for ax, values, name in ((axes[0], labels, "label"), (axes[1], datasets, "dataset")):
-        values = values.astype(str).fillna("none")
+        values = values.astype(object).where(values.notna(), "unlabelled").astype(str)   # NULL: unlabelled cell
         for k, value in enumerate(sorted(values.unique())):
             mask = (values == value).to_numpy()
             ax.scatter(xy[mask, 0], xy[mask, 1], s=3, alpha=0.6, color=plt.cm.tab10(k % 10), label=value,

@@ -27,8 +27,8 @@ def store_info(store: Store) -> dict:
         n_results = con.execute("SELECT count(*) FROM probe_results").fetchone()[0]
         n_cached = con.execute("SELECT count(*) FROM zero_shot_cache").fetchone()[0]
     datasets = [{"dataset": r["dataset"], "cells": int(r["n_cells"]), "sensitive": int(r["n_sensitive"]),
-                 "resistant": int(r["n_resistant"]), "drug": r["drug"], "cancer_type": r["cancer_type"],
-                 "source_sha256": _short(r["source_sha256"])}
+                 "resistant": int(r["n_resistant"]), "genes": int(r["n_genes"]), "values": r["value_kind"],
+                 "drug": r["drug"], "cancer_type": r["cancer_type"], "source_sha256": _short(r["source_sha256"])}
                 for r in store.datasets().to_dict("records")]
     prov = store.provenance()
     covering = prov.groupby("dataset")["backbone"].agg(sorted).to_dict() if len(prov) else {}

@@ -71,13 +71,14 @@ class IngestRequest:
 
     file: Path
     dataset: str
-    label_col: str
+    label_col: str | None = None             # None: every cell unlabelled (extract/predict only)
     sensitive: tuple = ()
     resistant: tuple = ()
     sample_col: str | None = None
     patient_col: str | None = None
     values: str | None = None
     layer: str | None = None
+    use_raw: bool = False                     # read the file's .raw (scanpy's adata.raw)
     symbol_col: str | None = None
     context: dict = field(default_factory=dict)   # drug, cancer_type, tissue, therapy, regimen
     replace: bool = False
@@ -94,6 +95,8 @@ class IngestReport:
     value_kind: str
     replaced: bool
     warnings: list
+    n_unlabelled: int = 0
+    notes: list = field(default_factory=list)
 
 
 def _obs_column(obs: pd.DataFrame, col: str | None, option: str) -> pd.Series | None:
@@ -132,64 +135,123 @@ def _duck_type(series: pd.Series) -> str:
     return "VARCHAR"
 
 
+OBS_TABLE_SUFFIXES = {".csv": ",", ".tsv": "\t"}
+
+
+def _read_obs_table(path: Path) -> pd.DataFrame:
+    """An obs-only table (.csv/.tsv): first column the cell names, the others obs columns."""
+    if not path.exists():
+        raise UserError(f"file {path} does not exist: check the path")
+    try:
+        obs = pd.read_csv(path, sep=OBS_TABLE_SUFFIXES[path.suffix.lower()], index_col=0)
+    except Exception as e:  # pandas raises many types for a malformed table
+        raise UserError(f"cannot read {path} as a table ({type(e).__name__}: {str(e).splitlines()[0][:200]}): "
+                        "give a .csv/.tsv whose first column holds the cell names") from None
+    obs.index = obs.index.astype(str)
+    return obs
+
+
+def _label_columns(obs, req, warnings) -> tuple[pd.Series, pd.Series, dict]:
+    """(label, label_raw, label_map) per cell; cells without a label value get None in both."""
+    if req.label_col is None:
+        if req.sensitive or req.resistant:
+            raise UserError("--sensitive/--resistant need --label-col: name the obs column holding the labels")
+        none = pd.Series([None] * len(obs), dtype=object)
+        return none, none, {}
+    labels = _obs_column(obs, req.label_col, "--label-col").reset_index(drop=True)
+    missing = labels.isna().to_numpy() | labels.astype(str).str.strip().isin(["", "nan", "NaN", "None"]).to_numpy()
+    if missing.all():
+        raise UserError(f"label column {req.label_col!r} has no values: name another column, "
+                        "or leave out --label-col to ingest the cells unlabelled")
+    raw = labels.astype(object).where(~missing, None).map(lambda v: None if v is None else str(v))
+    label_map = map_labels(raw[~missing], req.sensitive, req.resistant)
+    if missing.any():
+        warnings.append(f"{int(missing.sum()):,} cells have no value in label column {req.label_col!r}: "
+                        "they are kept unlabelled (extracted and predicted, never used to train or score)")
+    return raw.map(lambda v: None if v is None else label_map[v]).astype(object), raw.astype(object), label_map
+
+
 def validate(req: IngestRequest, show_progress: bool = False):
     """All checks, no writes. Returns what :func:`ingest` registers."""
     if not DATASET_NAME_RE.match(req.dataset):
         raise UserError(f"dataset name {req.dataset!r} is invalid: use letters, digits, '.', '_' or '-'")
     if req.values is not None and req.values not in src.VALUE_KINDS:
         raise UserError(f"--values must be one of {', '.join(src.VALUE_KINDS)}")
+    if req.use_raw and req.layer is not None:
+        raise UserError("--layer and --use-raw both name the matrix to read: give one of them")
+    layer = src.RAW if req.use_raw else req.layer
     path = Path(req.file).resolve()
-    adata = src.open_h5ad(path)
-    try:
+    notes = []
+    if path.suffix.lower() in OBS_TABLE_SUFFIXES:
+        obs, adata = _read_obs_table(path), None
+    else:
+        adata = src.open_h5ad(path)
         obs = adata.obs.copy()
-        if adata.n_obs == 0:
+    try:
+        if len(obs) == 0:
             raise UserError(f"{path} has no cells")
         if not obs.index.is_unique:
             dups = obs.index[obs.index.duplicated()].unique()[:3].tolist()
             raise UserError(f"cell names (obs_names) are not unique, e.g. {dups}: "
                             "make them unique (adata.obs_names_make_unique()) before ingest")
-        labels = _obs_column(obs, req.label_col, "--label-col")
-        if labels.isna().any():
-            raise UserError(f"{int(labels.isna().sum())} cells have no value in label column {req.label_col!r}: "
-                            "drop them or give them a label")
-        label_map = map_labels(labels, req.sensitive, req.resistant)
+        warnings = []
+        label, label_raw, label_map = _label_columns(obs, req, warnings)
         samples = _obs_column(obs, req.sample_col, "--sample-col")
         patients = _obs_column(obs, req.patient_col, "--patient-col")
-        genes = src.detect_gene_ids(adata.var_names, adata.var.columns, req.symbol_col)
-        value_kind = src.detect_value_kind(adata, req.layer, req.values, show_progress)
-        n_genes = adata.n_vars
+        if adata is None or adata.n_vars == 0:      # embeddings-only: cells and metadata, no expression
+            given = [o for o, v in (("--values", req.values), ("--layer", req.layer), ("--use-raw", req.use_raw),
+                                    ("--symbol-col", req.symbol_col)) if v]
+            if given:
+                raise UserError(f"{', '.join(given)}: the file has no genes (an embeddings-only dataset): "
+                                "leave them out, and bring its embeddings with 'scdrugmap import-embeddings'")
+            genes = src.GeneIds(src.NO_EXPRESSION, None, None)
+            choice = src.ValueChoice(None, src.NO_EXPRESSION,
+                                     "no genes: an embeddings-only dataset; bring its embeddings with "
+                                     "'scdrugmap import-embeddings' (no backbone can extract it)")
+            n_genes = 0
+        else:
+            choice = src.choose_values(adata, layer, req.values, show_progress)
+            var_names, var = src.var_of(adata, choice.layer)
+            genes = src.detect_gene_ids(var_names, var.columns, req.symbol_col)
+            n_genes = len(var_names)
+        if choice.note:
+            notes.append(choice.note)
     finally:
-        adata.file.close()
+        if adata is not None:
+            adata.file.close()
 
-    raw = labels.astype(str)
     cells = pd.DataFrame({
         "dataset": req.dataset,
         "row": np.arange(len(obs), dtype=np.int32),
         "obs_name": obs.index.astype(str),
-        "label": raw.map(label_map).to_numpy(),
-        "label_raw": raw.to_numpy(),
+        "label": label.to_numpy(),
+        "label_raw": label_raw.to_numpy(),
         "sample": samples.astype(str).to_numpy() if samples is not None else None,
         "patient": patients.astype(str).to_numpy() if patients is not None else None,
     })
-    used = {req.label_col} | {c for c in (req.sample_col, req.patient_col) if c}
+    used = {c for c in (req.label_col, req.sample_col, req.patient_col) if c}
     extra = _extra_obs(obs, used).reset_index(drop=True)
-    warnings = [genes.note] if genes.note else []
+    if genes.note:
+        warnings.append(genes.note)
     counts = cells["label"].value_counts()
-    if len(counts) < 2:
+    if req.label_col is None:
+        warnings.append(f"dataset {req.dataset!r} has no labels (no --label-col): its cells can be extracted and "
+                        "predicted, never used to train or score")
+    elif len(counts) < 2:
         warnings.append(f"dataset {req.dataset!r} has only {counts.index[0]!r} cells: "
                         "probes need both classes, so it can be evaluated only in a cohort with other datasets")
     dataset_row = {
         "dataset": req.dataset, "n_cells": len(cells), "n_genes": int(n_genes),
         "n_sensitive": int(counts.get("sensitive", 0)), "n_resistant": int(counts.get("resistant", 0)),
-        "source_path": str(path), "source_sha256": src.sha256_file(path), "source_layer": req.layer,
-        "value_kind": value_kind, "gene_id_type": genes.id_type, "symbol_col": genes.symbol_col,
+        "source_path": str(path), "source_sha256": src.sha256_file(path), "source_layer": choice.layer,
+        "value_kind": choice.kind, "gene_id_type": genes.id_type, "symbol_col": genes.symbol_col,
         "ensembl_col": genes.ensembl_col, "label_col": req.label_col,
         "label_map": json.dumps(label_map, sort_keys=True), "sample_col": req.sample_col,
         "patient_col": req.patient_col,
         **{k: req.context.get(k) for k in DATASET_CONTEXT_COLUMNS},
         "scdrugmap_version": __version__, "ingested_at": now(),
     }
-    return dataset_row, pd.concat([cells, extra], axis=1), warnings
+    return dataset_row, pd.concat([cells, extra], axis=1), warnings, notes
 
 
 def ingest(store_path, req: IngestRequest, show_progress: bool = False) -> IngestReport:
@@ -201,26 +263,27 @@ def ingest(store_path, req: IngestRequest, show_progress: bool = False) -> Inges
     inside the write transaction, so two ingests of one name cannot both succeed."""
     if is_url(store_path):
         raise UserError(f"{store_path} is a URL: stores opened by URL are read-only; ingest into a local store")
-    dataset_row, cells, warnings = validate(req, show_progress)
+    dataset_row, cells, warnings, notes = validate(req, show_progress)
     store_path = local_path(store_path)
     if not (store_path / INDEX).exists():
         if store_path.exists() and (not store_path.is_dir() or any(store_path.iterdir())):
             raise UserError(f"{store_path} exists and is not a scdrugmap store: choose a new or empty directory")
         if _create_with(store_path, dataset_row, cells):
-            return _report(req, dataset_row, False, warnings)
+            return _report(req, dataset_row, False, warnings, notes)
     store = Store.open(store_path)            # existed, or another ingest created it meanwhile
     store.require_writable("ingest")
     remove_stale_work_dirs(store_path.parent, store_path.name, "creating")      # of a killed first ingest
     present, stale_arrays = _register(store, dataset_row, cells, replace=req.replace)
     for rel in stale_arrays:
         shutil.rmtree(store.embeddings_path / rel, ignore_errors=True)
-    return _report(req, dataset_row, present, warnings)
+    return _report(req, dataset_row, present, warnings, notes)
 
 
-def _report(req, dataset_row, replaced, warnings) -> IngestReport:
+def _report(req, dataset_row, replaced, warnings, notes) -> IngestReport:
+    n = dataset_row["n_cells"] - dataset_row["n_sensitive"] - dataset_row["n_resistant"]
     return IngestReport(req.dataset, dataset_row["n_cells"], dataset_row["n_genes"], dataset_row["n_sensitive"],
                         dataset_row["n_resistant"], dataset_row["gene_id_type"], dataset_row["value_kind"],
-                        replaced, warnings)
+                        replaced, warnings, n, notes)
 
 
 def _create_with(store_path: Path, dataset_row: dict, cells: pd.DataFrame) -> bool:

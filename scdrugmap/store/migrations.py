@@ -52,12 +52,22 @@ def _v3_probe_predictions(con) -> None:
     con.execute(PROBE_PREDICTIONS_DDL)
 
 
+def _v3_unlabelled_cells(con) -> None:
+    # cells ingested without a label (NULL label), datasets ingested without --label-col
+    for table, col in (("cells", "label"), ("cells", "label_raw"), ("datasets", "label_col")):
+        nullable = con.execute("SELECT is_nullable FROM information_schema.columns WHERE table_name = ? "
+                               "AND column_name = ?", [table, col]).fetchone()[0]
+        if nullable == "NO":
+            con.execute(f"ALTER TABLE {table} ALTER COLUMN {col} DROP NOT NULL")
+
+
 # Version 3 is made of independent steps, one per feature that changed the index; each step is
 # idempotent (it checks before it alters), so a store part-way between them still migrates.
 # Define a step above this list and add it as (description, function).
 V3_STEPS: list[tuple[str, Callable[[duckdb.DuckDBPyConnection], None]]] = [
     ("models and predictions tables (scdrugmap fit, scdrugmap predict)", _v3_models_predictions),
     ("probe_predictions (out-of-fold score per cell of each probe run)", _v3_probe_predictions),
+    ("unlabelled cells (cells.label, cells.label_raw, datasets.label_col may be NULL)", _v3_unlabelled_cells),
 ]
 
 

@@ -80,12 +80,12 @@ DDL = [
         n_resistant INTEGER NOT NULL,
         source_path VARCHAR NOT NULL,
         source_sha256 VARCHAR NOT NULL,
-        source_layer VARCHAR,
-        value_kind VARCHAR NOT NULL,        -- counts | normalized | log1p
-        gene_id_type VARCHAR NOT NULL,      -- symbol | ensembl
+        source_layer VARCHAR,               -- matrix read: NULL (X), a layer name, or '.raw'
+        value_kind VARCHAR NOT NULL,        -- counts | normalized | log1p | scaled | none (embeddings-only)
+        gene_id_type VARCHAR NOT NULL,      -- symbol | ensembl | none (embeddings-only)
         symbol_col VARCHAR,                 -- var column with symbols (NULL: var_names)
         ensembl_col VARCHAR,                -- var column with Ensembl IDs (NULL: var_names or none)
-        label_col VARCHAR NOT NULL,
+        label_col VARCHAR,                  -- NULL: ingested without labels
         label_map VARCHAR NOT NULL,         -- JSON: raw value -> sensitive|resistant
         sample_col VARCHAR,
         patient_col VARCHAR,
@@ -97,8 +97,8 @@ DDL = [
         dataset VARCHAR NOT NULL,
         "row" INTEGER NOT NULL,             -- row of this cell in every embedding array of its dataset
         obs_name VARCHAR NOT NULL,
-        label VARCHAR NOT NULL,             -- sensitive | resistant
-        label_raw VARCHAR NOT NULL,
+        label VARCHAR,                      -- sensitive | resistant | NULL (unlabelled)
+        label_raw VARCHAR,
         sample VARCHAR,
         patient VARCHAR,
         PRIMARY KEY (dataset, "row")

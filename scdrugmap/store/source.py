@@ -22,7 +22,10 @@ ENSEMBL_RE = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
 SYMBOL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/@]*$")
 SYMBOL_COLUMNS = ("symbol", "gene_symbol", "gene_symbols", "feature_name", "gene_name", "gene_short_name")
 ENSEMBL_COLUMNS = ("gene_ids", "gene_id", "ensembl_id", "ensembl", "feature_id")
-VALUE_KINDS = ("counts", "normalized", "log1p")
+VALUE_KINDS = ("counts", "normalized", "log1p", "scaled")
+NO_EXPRESSION = "none"            # value kind of an embeddings-only dataset (no genes)
+RAW = ".raw"                      # source_layer of a matrix read from the file's .raw (scanpy's adata.raw)
+COUNTS_LAYER = "counts"
 READ_CHUNK = 8192
 
 
@@ -58,12 +61,28 @@ def open_h5ad(path):
                         "check it opens with anndata.read_h5ad") from None
 
 
+def layer_label(layer: str | None) -> str:
+    """How a source matrix is named in messages: X, layers['counts'] or .raw."""
+    return "X" if layer is None else ".raw" if layer == RAW else f"layers[{layer!r}]"
+
+
 def matrix(adata, layer: str | None):
     if layer is None:
         return adata.X
+    if layer == RAW:
+        if adata.raw is None:
+            raise UserError("--use-raw: the file has no .raw: read X, or name a layer with --layer")
+        return adata.raw.X
     if layer not in adata.layers:
         raise UserError(f"layer {layer!r} not found: the file has layers {list(adata.layers.keys()) or 'none'}")
     return adata.layers[layer]
+
+
+def var_of(adata, layer: str | None):
+    """``(var_names, var)`` of the genes of the source matrix: .raw has its own genes."""
+    if layer == RAW and adata.raw is not None:
+        return adata.raw.var_names, adata.raw.var
+    return adata.var_names, adata.var
 
 
 def iter_row_chunks(adata, layer: str | None, start: int = 0, stop: int | None = None,
@@ -83,36 +102,79 @@ def rows_csr(X, lo: int, hi: int) -> sp.csr_matrix:
     return sp.csr_matrix(block)
 
 
-def detect_value_kind(adata, layer: str | None, declared: str | None, show_progress: bool = False) -> str:
-    """'counts' when every value is a non-negative integer; otherwise the user must say what it is."""
+@dataclass
+class ValueScan:
+    negative: bool = False
+    nonint: bool = False
+
+    @property
+    def counts(self) -> bool:
+        return not (self.negative or self.nonint)
+
+
+def scan_values(adata, layer: str | None, show_progress: bool = False) -> ValueScan:
+    """Whether the matrix has negative or non-integer values; NaN/inf is an error."""
     from ..progress import progress_bar
 
-    with progress_bar("checking values", total=adata.n_obs, enabled=show_progress) as advance:
-        return _value_kind(adata, layer, declared, advance)
+    scan = ValueScan()
+    with progress_bar(f"checking values of {layer_label(layer)}", total=adata.n_obs, enabled=show_progress) as advance:
+        for lo, hi, block in iter_row_chunks(adata, layer):
+            advance(hi - lo)
+            data = block.data
+            if data.size == 0:
+                continue
+            if not np.all(np.isfinite(data)):
+                bad = int(np.sum(~np.isfinite(data)))
+                raise UserError(f"the expression matrix has {bad} NaN/inf values (rows {lo}-{hi - 1} and maybe more): "
+                                "fix or drop those cells before ingest")
+            if not scan.negative and data.min() < 0:
+                scan.negative = True
+            if not scan.nonint and np.issubdtype(data.dtype, np.floating) and np.any(data != np.round(data)):
+                scan.nonint = True
+    return scan
 
 
-def _value_kind(adata, layer, declared, advance) -> str:
-    nonint = False
-    for lo, hi, block in iter_row_chunks(adata, layer):
-        advance(hi - lo)
-        data = block.data
-        if data.size == 0:
-            continue
-        if not np.all(np.isfinite(data)):
-            bad = int(np.sum(~np.isfinite(data)))
-            raise UserError(f"the expression matrix has {bad} NaN/inf values (rows {lo}-{hi - 1} and maybe more): "
-                            "fix or drop those cells before ingest")
-        if data.min() < 0:
-            raise UserError("the expression matrix has negative values (scaled data?): "
-                            "ingest raw counts, or normalized/log1p values, which are never negative")
-        if not nonint and np.issubdtype(data.dtype, np.floating) and np.any(data != np.round(data)):
-            nonint = True
+@dataclass
+class ValueChoice:
+    layer: str | None         # the matrix read: None (X), a layer name, or RAW
+    kind: str                 # counts | normalized | log1p | scaled
+    note: str | None = None   # said to the user when the matrix was chosen for them
+
+
+def choose_values(adata, layer: str | None, declared: str | None, show_progress: bool = False) -> ValueChoice:
+    """The matrix to read and its value kind.
+
+    A matrix named with --layer / --use-raw, or declared with --values, is taken as given
+    (negative values only with --values scaled). Otherwise X is used when it holds raw counts;
+    when it does not, a ``counts`` layer or ``.raw`` holding raw counts is used instead (both:
+    ambiguous, refused); failing that the user must say what X holds."""
+    scan = scan_values(adata, layer, show_progress)
     if declared is not None:
-        return declared
-    if nonint:
-        raise UserError("the expression matrix has non-integer values, so it is not raw counts: "
-                        "ingest raw counts (e.g. --layer counts), or say --values normalized|log1p")
-    return "counts"
+        if scan.negative and declared != "scaled":
+            raise UserError(f"{layer_label(layer)} has negative values, so it is not {declared} values: "
+                            "say --values scaled for z-scored/scaled data")
+        return ValueChoice(layer, declared)
+    if scan.counts:
+        return ValueChoice(layer, "counts")
+    what = "negative" if scan.negative else "non-integer"
+    if layer is None:
+        found = []
+        if COUNTS_LAYER in adata.layers:
+            found.append(COUNTS_LAYER)
+        if adata.raw is not None:
+            found.append(RAW)
+        found = [c for c in found if scan_values(adata, c, show_progress).counts]
+        if len(found) > 1:
+            raise UserError("X is not raw counts, and both layers['counts'] and .raw hold raw counts: "
+                            "choose one with --layer counts or --use-raw")
+        if found:
+            return ValueChoice(found[0], "counts",
+                               f"X holds {what} values, so the raw counts in {layer_label(found[0])} are used")
+    if scan.negative:
+        raise UserError(f"{layer_label(layer)} has negative values (scaled/z-scored data?): say --values scaled "
+                        "(only the hvg and pca baselines read scaled values), or ingest raw counts (--layer counts)")
+    raise UserError(f"{layer_label(layer)} has non-integer values, so it is not raw counts: "
+                    "ingest raw counts (e.g. --layer counts or --use-raw), or say --values normalized|log1p|scaled")
 
 
 @dataclass
@@ -147,12 +209,13 @@ def detect_gene_ids(var_names, var_columns, symbol_col: str | None = None) -> Ge
 
 def gene_symbols(adata, row, upper: bool = True) -> np.ndarray:
     """Gene symbols of a source file in var order (upper-cased unless ``upper=False``)."""
+    var_names, var = var_of(adata, row.get("source_layer"))
     if row["symbol_col"]:
-        symbols = adata.var[row["symbol_col"]].astype(str).to_numpy()
+        symbols = var[row["symbol_col"]].astype(str).to_numpy()
     elif row["gene_id_type"] == "symbol":
-        symbols = np.asarray(adata.var_names.astype(str))
+        symbols = np.asarray(var_names.astype(str))
     elif row["gene_id_type"] == "entrez":
-        symbols = gene_ids.entrez_symbols(entrez_ids(adata))
+        symbols = gene_ids.entrez_symbols(entrez_ids(adata, row.get("source_layer")))
     else:
         raise UserError(f"dataset {row['dataset']!r} has Ensembl IDs and no gene-symbol column: "
                         "re-ingest with --symbol-col naming the var column that holds symbols")
@@ -160,9 +223,10 @@ def gene_symbols(adata, row, upper: bool = True) -> np.ndarray:
     return np.char.upper(symbols) if upper else symbols
 
 
-def entrez_ids(adata) -> np.ndarray:
-    """The NCBI Gene (Entrez) IDs of a dataset ingested with gene_id_type 'entrez', in var order."""
-    ids = gene_ids.as_entrez(adata.var_names)
+def entrez_ids(adata, layer: str | None = None) -> np.ndarray:
+    """The NCBI Gene (Entrez) IDs of a dataset ingested with gene_id_type 'entrez', in the order of
+    the genes of its source matrix (.raw has its own)."""
+    ids = gene_ids.as_entrez(var_of(adata, layer)[0])
     if ids is None:
         raise UserError("the source file's var_names are no longer NCBI Gene (Entrez) IDs: re-ingest it with --replace")
     return ids

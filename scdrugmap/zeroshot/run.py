@@ -42,6 +42,7 @@ import numpy as np
 from ..errors import UserError
 from ..probe.metrics import score
 from ..probe.run import ProbeRun, _results_frame, _save
+from ..probe.splits import labelled_cells
 from ..progress import progress_bar
 from ..store.store import Store
 from . import cache
@@ -86,6 +87,7 @@ def run_zero_shot(store: Store, where: str | None = None, datasets=None, model: 
     cells = store.cells(where, names if datasets else None).reset_index(drop=True)
     if cells.empty:
         raise UserError("no cells selected: check --dataset and --where")
+    cells, _, unlabelled_notes = labelled_cells(cells, None)        # unlabelled cells are not sent
     batches = _batches(store, cells, model, top_n, cells_per_request, seed, show_progress)
 
     answers = cache.lookup(store, [b.key for b in batches])
@@ -113,6 +115,7 @@ def run_zero_shot(store: Store, where: str | None = None, datasets=None, model: 
         else:
             predictions[b.cells] = parsed
     records, notes = _score(cells, predictions, positive)
+    notes[:0] = unlabelled_notes
     n_unanswered = int((predictions < 0).sum())
     if n_unanswered:
         notes.insert(0, f"{n_unanswered:,} of {len(cells):,} cells got no valid answer ({bad_requests:,} of "

@@ -285,3 +285,18 @@ def test_bad_input(cli, store, fake_server, args, match):
 def test_help_has_examples(cli):
     out = cli.ok("zero-shot", "--help").output
     assert "Examples:" in out and "--base-url" in out and "OPENAI_API_KEY" in out
+
+
+def test_unlabelled_cells_are_not_sent_nor_scored(cli, store, fake_server):
+    from conftest import PC9
+
+    cli.ok("ingest", PC9, "--store", store, "--dataset", "nolabel", "--quiet")
+    zero_shot(cli, store, fake_server, "--where", "row < 15")
+    assert not any("Dataset: nolabel\n" in p for p in fake_server.prompts)
+    run, results = latest_run(store)
+    assert list(results["split"]) == ["pc9", "pc9b"] and run["n_cells"] == 30
+    assert "15 unlabelled cells of the selection were left out" in run["note"]
+    before = snapshot(store)
+    n_sent = len(fake_server.requests)
+    zero_shot(cli, store, fake_server, "--dataset", "nolabel", ok=False, match="no sensitive/resistant label")
+    assert snapshot(store) == before and len(fake_server.requests) == n_sent

@@ -17,7 +17,8 @@ from ..registry import Backbone, Option, register
 class PanelExpression(Backbone):
     name = "hvg"
     summary = "log1p counts-per-10k of a fixed gene panel (default: 978 L1000 landmark genes)"
-    needs_counts = False
+    value_kinds = ("counts", "normalized", "log1p", "scaled")
+    values_needed = "expression values"
     default_dim = 978
     options = {"panel": Option(DEFAULT_PANEL, "'l1000' or a file of gene symbols, one per line")}
 
