@@ -257,3 +257,31 @@ def test_table_build_script_is_reproducible(tmp_path):
     body = [line for line in lines if not line.startswith("#")]
     assert body == ["entrez_id\tsymbol\tensembl_gene_id", "1\tA1BG\tENSG00000121410", "777\tNOENS\t",
                     "1956\tEGFR\tENSG00000146648"]
+
+
+def test_zscored_entrez_matrix_as_a_lab_sends_it(cli, pair, tmp_path):
+    """What SCAD-style target sets look like: z-scored expression, Entrez IDs, response 1/0.
+    It goes in with --values scaled; hvg/pca read it; a count backbone refuses it in one line."""
+    from conftest import snapshot as snap
+
+    _, eg_file, sym = pair
+    eg = ad.read_h5ad(eg_file)
+    X = np.log1p(eg.X.toarray() / np.maximum(eg.X.sum(axis=1), 1) * 1e4)
+    sd = X.std(axis=0)
+    eg.X = ((X - X.mean(axis=0)) / np.where(sd > 0, sd, 1)).astype(np.float32)
+    eg.obs["response"] = (eg.obs["response"] != "resistant").astype(int)
+    eg.write_h5ad(tmp_path / "z.h5ad")
+    st = tmp_path / "st"
+    labels = ["--label-col", "response", "--sensitive", "1", "--resistant", "0"]   # SCAD: 1 = responder
+    cli.fails("ingest", tmp_path / "z.h5ad", "--store", st, "--dataset", "z", *labels, match="--values scaled")
+    assert not st.exists()
+    out = cli.ok("ingest", tmp_path / "z.h5ad", "--store", st, "--dataset", "z", *labels, "--values", "scaled").output
+    assert "(entrez)" in out
+    row = Store.open(st).datasets().iloc[0]
+    assert (row["value_kind"], row["gene_id_type"]) == ("scaled", "entrez")
+    cli.ok("extract", "--store", st, "--backbone", "hvg", "--quiet")
+    Xh, _ = Store.open(st).load("hvg", dtype=np.float32)
+    assert Xh.shape[0] == sym.n_obs and (Xh < 0).any()               # the z-scores, as given
+    before = snap(st)
+    cli.fails("extract", "--store", st, "--backbone", "scgpt", "--model-dir", tmp_path, match="needs raw counts")
+    assert snap(st) == before
