@@ -88,6 +88,25 @@ def copy_of(tmp_path):
     return make
 
 
+def copy_store(src: Path, folder: Path, name: str = "st") -> Path:
+    """A copy of the store ``src`` as ``folder/name``, for a test that changes it."""
+    dst = folder / name
+    shutil.copytree(src, dst)
+    return dst
+
+
+def ingest_pc9_and_gbm(cli: Cli, store: Path, pc9_extra=(), gbm_extra=(), quiet: bool = True) -> Path:
+    """The shared PC9 file as dataset 'pc9' (samples, response) and the glioblastoma file as
+    'gbm' (patients, ctrl = sensitive, panobinostat = resistant), in ``store``."""
+    need_shared(PC9), need_shared(GBM)
+    q = ["--quiet"] if quiet else []
+    cli.ok("ingest", PC9, "--store", store, "--dataset", "pc9", "--label-col", "response", "--sample-col",
+           "sample_id", *pc9_extra, *q)
+    cli.ok("ingest", GBM, "--store", store, "--dataset", "gbm", "--label-col", "condition", "--sensitive", "ctrl",
+           "--resistant", "panobinostat", "--patient-col", "patient_id", *gbm_extra, *q)
+    return store
+
+
 SMALL_DATASETS, SMALL_CELLS, SMALL_CHUNK = 10, 80, 40
 
 
@@ -125,9 +144,7 @@ def small_store(tmp_path_factory) -> Path:
 @pytest.fixture
 def store_copy(small_store, tmp_path):
     def make(name: str = "st") -> Path:
-        dst = tmp_path / name
-        shutil.copytree(small_store, dst)
-        return dst
+        return copy_store(small_store, tmp_path, name)
     return make
 
 

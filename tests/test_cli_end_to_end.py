@@ -13,16 +13,13 @@ from scdrugmap.store.store import Store
 
 @pytest.fixture(scope="module")
 def real_store(tmp_path_factory):
-    from conftest import GBM, PC9, Cli, need_shared
+    from conftest import Cli, ingest_pc9_and_gbm
 
-    need_shared(PC9), need_shared(GBM)
-    st = tmp_path_factory.mktemp("e2e") / "st"
     cli = Cli()
-    cli.ok("ingest", PC9, "--store", st, "--dataset", "pc9", "--label-col", "response", "--sample-col", "sample_id",
-           "--drug", "erlotinib", "--cancer-type", "Lung cancer", "--tissue", "Cell line")
-    cli.ok("ingest", GBM, "--store", st, "--dataset", "gbm", "--label-col", "condition", "--sensitive", "ctrl",
-           "--resistant", "panobinostat", "--sample-col", "sample_id", "--patient-col", "patient_id",
-           "--drug", "panobinostat", "--cancer-type", "Glioblastoma", "--tissue", "Tumor tissue")
+    st = ingest_pc9_and_gbm(cli, tmp_path_factory.mktemp("e2e") / "st", quiet=False,
+                            pc9_extra=["--drug", "erlotinib", "--cancer-type", "Lung cancer", "--tissue", "Cell line"],
+                            gbm_extra=["--sample-col", "sample_id", "--drug", "panobinostat",
+                                       "--cancer-type", "Glioblastoma", "--tissue", "Tumor tissue"])
     cli.ok("extract", "--store", st, "--backbone", "hvg", "--backbone", "pca", "--quiet")
     return st
 

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import GBM, PC9, Cli, need_shared, snapshot
+from conftest import Cli, copy_store, ingest_pc9_and_gbm, snapshot
 from scdrugmap.store.schema import METRIC_COLUMNS
 from scdrugmap.store.store import Store
 
@@ -22,13 +21,8 @@ NO_COLUMNS = {"COLUMNS": "40"}          # off a terminal COLUMNS does not narrow
 @pytest.fixture(scope="module")
 def real_store(tmp_path_factory):
     """pc9 and gbm ingested, pca extracted for both, one grouped pooled lr run (seed 0)."""
-    need_shared(PC9), need_shared(GBM)
-    st = tmp_path_factory.mktemp("cmds") / "st"
     cli = Cli()
-    cli.ok("ingest", PC9, "--store", st, "--dataset", "pc9", "--label-col", "response", "--sample-col", "sample_id",
-           "--quiet")
-    cli.ok("ingest", GBM, "--store", st, "--dataset", "gbm", "--label-col", "condition", "--sensitive", "ctrl",
-           "--resistant", "panobinostat", "--patient-col", "patient_id", "--quiet")
+    st = ingest_pc9_and_gbm(cli, tmp_path_factory.mktemp("cmds") / "st")
     cli.ok("extract", "--store", st, "--backbone", "pca", "--quiet")
     cli.ok("probe", "--store", st, "--backbone", "pca", "--head", "lr", "--quiet")
     return st
@@ -36,9 +30,7 @@ def real_store(tmp_path_factory):
 
 @pytest.fixture
 def real_copy(real_store, tmp_path):
-    dst = tmp_path / "st"
-    shutil.copytree(real_store, dst)
-    return dst
+    return copy_store(real_store, tmp_path)
 
 
 def _results(store, run_id) -> pd.DataFrame:

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import GBM, PC9, Cli, need_shared, slow_env, snapshot, wait_for
+from conftest import Cli, ingest_pc9_and_gbm, slow_env, snapshot, wait_for
 from scdrugmap.store import arrays
 from scdrugmap.store.cleanup import _staging_dirs, reclaim, reclaimable
 from scdrugmap.store.store import Store
@@ -21,14 +21,7 @@ CLI = [sys.executable, "-m", "scdrugmap.cli"]
 
 @pytest.fixture
 def real_store(tmp_path):
-    need_shared(PC9), need_shared(GBM)
-    st = tmp_path / "st"
-    cli = Cli()
-    cli.ok("ingest", PC9, "--store", st, "--dataset", "pc9", "--label-col", "response", "--sample-col", "sample_id",
-           "--quiet")
-    cli.ok("ingest", GBM, "--store", st, "--dataset", "gbm", "--label-col", "condition", "--sensitive", "ctrl",
-           "--resistant", "panobinostat", "--patient-col", "patient_id", "--quiet")
-    return st
+    return ingest_pc9_and_gbm(Cli(), tmp_path / "st")
 
 
 def _check_outcome(results, st):

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import sys
 from collections import Counter
 
 import numpy as np
 import pytest
 
-from conftest import snapshot
+from conftest import copy_store, snapshot
 from fake_openai import call, fake_server, gene_lists, good_answer  # noqa: F401  (fixture)
 from scdrugmap.errors import UserError
 from scdrugmap.store.store import Store
@@ -39,9 +38,7 @@ def base_store(tmp_path_factory):
 
 @pytest.fixture
 def store(base_store, tmp_path):
-    dst = tmp_path / "st"
-    shutil.copytree(base_store, dst)
-    return dst
+    return copy_store(base_store, tmp_path)
 
 
 @pytest.fixture(scope="module")
