@@ -133,11 +133,6 @@ def predict(store_path, model_name, dataset, where, seed, csv_path, parquet_path
             if p.exists() and p.is_dir():
                 raise UserError(f"{p} is a folder: give a file name")
             check_writable_dir(p.parent if str(p.parent) else Path("."), f"{p.name}")
-        if parquet_path is not None:
-            try:
-                import pyarrow  # noqa: F401
-            except ImportError:
-                raise UserError("--parquet needs the pyarrow package: pip install pyarrow") from None
 
     result = run_predict(open_store(store_path), model_name, dataset, where=where, seed=seed,
                          show_progress=not quiet, check_outputs=check_outputs, model_dir=model_dir,

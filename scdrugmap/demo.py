@@ -14,7 +14,8 @@ from pathlib import Path
 from .errors import UserError
 from .extract.panel import load_panel
 from .extract.runner import extract
-from .probe.run import leaderboard, leaderboard_sections, run_probe
+from .probe.leaderboard import leaderboard, leaderboard_sections
+from .probe.run import run_probe
 from .simulate import default_genes, simulate_cohort, write_cohort
 from .store.ingest import IngestRequest, ingest
 from .store.store import Store

@@ -26,8 +26,6 @@ from ..store.common import now
 from ..store.store import Store
 from .evaluate import evaluate_heads
 from .heads import make_head
-from .leaderboard import (LEADERBOARD_PROTOCOLS, LEAKY_NOTE, leaderboard,  # noqa: F401 (their old home)
-                          leaderboard_sections)
 from .splits import cohort_splits, labelled_cells
 
 PROTOCOLS = ("pooled", "cross")

@@ -75,7 +75,7 @@ def build_report(store, out, metric: str = "f1", n_bootstrap: int = 200, ci_seed
                  map_seed: int = 0, map_method: str = "auto", show_progress: bool = True) -> dict:
     """Write the report of ``store`` to ``out``; ``{"bytes", "figures", "seconds"}``."""
     from ..probe.confidence import add_intervals
-    from ..probe.run import leaderboard
+    from ..probe.leaderboard import leaderboard
 
     from ..store.schema import METRIC_COLUMNS
 

@@ -8,7 +8,8 @@ import pytest
 from sklearn.model_selection import StratifiedGroupKFold
 
 from scdrugmap.errors import UserError
-from scdrugmap.probe.run import leaderboard, run_probe
+from scdrugmap.probe.leaderboard import leaderboard
+from scdrugmap.probe.run import run_probe
 from scdrugmap.probe.splits import _both_classes, pooled_splits
 from scdrugmap.store.store import Store
 

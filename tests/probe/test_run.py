@@ -10,7 +10,8 @@ import pytest
 
 from conftest import snapshot
 from scdrugmap.errors import UserError
-from scdrugmap.probe.run import leaderboard, run_probe
+from scdrugmap.probe.leaderboard import leaderboard
+from scdrugmap.probe.run import run_probe
 from scdrugmap.simulate import simulate_cohort, write_cohort
 from scdrugmap.store.ingest import IngestRequest, ingest
 from scdrugmap.extract.runner import extract

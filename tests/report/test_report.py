@@ -15,7 +15,7 @@ from conftest import snapshot
 from scdrugmap.demo import run_demo
 from scdrugmap.probe.confidence import add_intervals, compare_runs, run_interval
 from scdrugmap.probe.metrics import score
-from scdrugmap.probe.run import leaderboard
+from scdrugmap.probe.leaderboard import leaderboard
 from scdrugmap.store.store import Store
 
 
