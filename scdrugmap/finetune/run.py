@@ -54,6 +54,7 @@ from ..probe.run import PROTOCOLS, RESULT_COLUMNS, ProbeRun, _results_frame, _sa
 from ..probe.splits import GROUP_BY_CHOICES, cohort_splits, labelled_cells
 from ..progress import progress_bar
 from ..store import arrays
+from ..store.common import sha256_file
 from ..store.locks import job_lock
 from ..store.store import Store, commit_staged, now
 from . import adapters
@@ -240,7 +241,7 @@ def _train_fold(model, peft_model, initial, data, cohort, cells, split, k, fold_
     provenance = {**base, "fold": k, "split": split.name, "fold_seed": fold_seed, "n_train": int(len(train)),
                   "n_fit": int(len(fit_idx)), "n_validation": int(len(val_idx)), "n_test": int(len(split.test_idx)),
                   "validation": how, "standardisation_cells": int(min(STATS_CELLS, len(fit_idx))),
-                  "adapter_sha256": _sha256(tmp / "adapter" / "adapter_model.safetensors"),
+                  "adapter_sha256": sha256_file(tmp / "adapter" / "adapter_model.safetensors"),
                   "training_report": report.as_dict(), "created_at": now().isoformat()}
     (tmp / "provenance.json").write_text(json.dumps(provenance, indent=1, default=str))
     (tmp / "done").write_text("ok")
@@ -319,7 +320,7 @@ def _export(store, model, sha, peft_model, run_id, run_dir, cells, cohort, sourc
         targets = lora["targets"]
         peft_model = adapters.attach(model, targets, lora["rank"], lora["alpha"], lora["dropout"], 0)
     states = [adapters.read_adapter(f / "adapter") for f in folds]
-    shas = [_sha256(f / "adapter" / "adapter_model.safetensors") for f in folds]
+    shas = [sha256_file(f / "adapter" / "adapter_model.safetensors") for f in folds]
     # the fold whose test part holds each cohort cell; fold 1 for the datasets' other cells
     fold_of = np.zeros(len(cells), dtype=np.int64)
     for k, split in enumerate(cohort.splits):
@@ -445,10 +446,6 @@ def _fold_seed(seed: int, split: str) -> int:
 
 def _other(positive: str) -> str:
     return "sensitive" if positive == "resistant" else "resistant"
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _version(module: str) -> str:

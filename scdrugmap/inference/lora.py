@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
+from ..store.common import sha256_file
 from ..store.store import Store
 from .params import canonical as _canonical
 
@@ -41,7 +42,7 @@ def fold_probabilities(store: Store, run: dict, dataset: str, cells, model_dir, 
     from ..extract.runner import _sources
     from ..finetune import adapters
     from ..finetune.data import CohortCells
-    from ..finetune.run import HEAD_FILE, _load_fold, _sha256
+    from ..finetune.run import HEAD_FILE, _load_fold
     from ..finetune.train import predict as head_predict
 
     params = json.loads(run["params"])
@@ -77,7 +78,7 @@ def fold_probabilities(store: Store, run: dict, dataset: str, cells, model_dir, 
     lora = params["lora"]
     for fold in folds:                                  # the adapters as the run saved them
         recorded = json.loads((fold / "provenance.json").read_text()).get("adapter_sha256")
-        if recorded != _sha256(fold / "adapter" / "adapter_model.safetensors") or not (fold / HEAD_FILE).is_file():
+        if recorded != sha256_file(fold / "adapter" / "adapter_model.safetensors") or not (fold / HEAD_FILE).is_file():
             raise UserError(f"{FOLDER}/{run['run_id']}/{fold.name} is damaged (its adapter's sha256 differs from its "
                             "provenance.json, or its head is missing): restore the store from its pack")
     [source] = _sources(store, [dataset])

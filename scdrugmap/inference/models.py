@@ -30,7 +30,8 @@ from ..errors import UserError
 from ..progress import progress_bar
 from ..store.arrays import safe_name
 from ..store.common import disk_error_or, now
-from ..store.heads import FORMAT, FORMAT_VERSION, HEADS_DIR, MANIFEST, check_head_folder, encode_manifest, sha256_file
+from ..store.common import sha256_file
+from ..store.heads import FORMAT, FORMAT_VERSION, HEADS_DIR, MANIFEST, check_head_folder, encode_manifest
 from ..store.store import Store
 from .serialize import SAVABLE_HEADS, load_estimator, save_estimator
 

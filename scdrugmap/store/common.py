@@ -1,4 +1,5 @@
-"""Small helpers shared by the store modules: locations, timestamps, error text, disk errors.
+"""Small helpers shared by the store modules: locations, timestamps, error text, disk errors,
+file checksums.
 
 Imports nothing heavy (no numpy, pandas, duckdb or zarr), so any module can use it without
 pulling in the rest of the store, and without import circles.
@@ -7,6 +8,7 @@ pulling in the rest of the store, and without import circles.
 from __future__ import annotations
 
 import errno
+import hashlib
 import re
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,6 +26,15 @@ DISK_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk 
 # the same conditions as DuckDB words them (it raises its own exception types, not OSError)
 _DUCKDB_DISK_WORDS = {"No space left on device": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT,
                       "Read-only file system": errno.EROFS, "Permission denied": errno.EACCES}
+
+
+def sha256_file(path: Path, block: int = 1 << 22) -> str:
+    """The sha256 of a file, read in blocks (source files and arrays may be many GB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def is_url(path) -> bool:

@@ -13,18 +13,12 @@ import hashlib
 import json
 from pathlib import Path
 
+from .common import sha256_file
+
 HEADS_DIR = "models/heads"
 MANIFEST = "manifest.json"
 FORMAT = "scdrugmap-head"
 FORMAT_VERSION = 1
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def encode_manifest(manifest: dict) -> bytes:

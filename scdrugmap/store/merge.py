@@ -35,7 +35,8 @@ from .schema import CELL_CORE_COLUMNS, COHORT_VIEW
 from .common import INDEX, DiskError, disk_errno, is_url, local_path, now
 from .locks import wait_for_index, work_dir
 from .common import first_line as _first_line
-from .heads import HEADS_DIR, sha256_file
+from .common import sha256_file
+from .heads import HEADS_DIR
 from .store import Store
 
 # what makes two ingests of a dataset the same (besides the name)

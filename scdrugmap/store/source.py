@@ -6,7 +6,6 @@ refuses it if its sha256 differs from the one recorded at ingest.
 
 from __future__ import annotations
 
-import hashlib
 import re
 import warnings
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ import scipy.sparse as sp
 
 from ..errors import UserError
 from . import gene_ids
+from .common import sha256_file  # noqa: F401  (ingest and exchange use it from here)
 
 ENSEMBL_RE = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
 SYMBOL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/@]*$")
@@ -27,14 +27,6 @@ NO_EXPRESSION = "none"            # value kind of an embeddings-only dataset (no
 RAW = ".raw"                      # source_layer of a matrix read from the file's .raw (scanpy's adata.raw)
 COUNTS_LAYER = "counts"
 READ_CHUNK = 8192
-
-
-def sha256_file(path: Path, block: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def open_h5ad(path):
