@@ -6,7 +6,6 @@ sheet is inline, so the file opens anywhere and can be mailed.
 
 from __future__ import annotations
 
-import base64
 import html
 import time
 from pathlib import Path
@@ -41,8 +40,7 @@ class _Page:
 
     def figure(self, parts: list[str], png: bytes, alt: str) -> None:
         self.n_figures += 1
-        data = base64.b64encode(png).decode("ascii")
-        parts.append(f'<img class="figure" alt="{html.escape(alt)}" src="data:image/png;base64,{data}">')
+        parts.append(f'<img class="figure" alt="{html.escape(alt)}" src="{figures.png_uri(png)}">')
 
     def html(self, title: str) -> str:
         nav = " · ".join(f'<a href="#{k}">{html.escape(t)}</a>' for k, t, _ in self.sections)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 
 import numpy as np
@@ -24,6 +25,11 @@ def _png(fig) -> bytes:
     fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
     _plt().close(fig)
     return buf.getvalue()
+
+
+def png_uri(png: bytes) -> str:
+    """A PNG as a ``data:`` URI: the report and the web app embed figures, never fetch them."""
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
 def curves(runs: list[tuple[str, np.ndarray, np.ndarray]], title: str) -> bytes:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import math
 import threading
 
@@ -107,10 +106,6 @@ def heads(store: Store) -> list[str]:
     return list(store.sql("SELECT DISTINCT head FROM probe_runs ORDER BY head")["head"])
 
 
-def png_uri(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-
-
 def run_page(store: Store, run_id: str, metric: str = "f1") -> dict | None:
     """A run's settings, its per-split results and its figures (ROC/PR of its out-of-fold
     scores; per held-out dataset for a cross run); None when there is no such run."""
@@ -127,12 +122,12 @@ def run_page(store: Store, run_id: str, metric: str = "f1") -> dict | None:
     name = f"{run['backbone']} · {run['head']}"
     if len(scores):
         title = f"run {run_id}: {name}, protocol {run['protocol']}, split by {run['group_by']}"
-        figs.append((title, png_uri(figures.curves([(name, scores["label"].to_numpy(),
+        figs.append((title, figures.png_uri(figures.curves([(name, scores["label"].to_numpy(),
                                                      scores["score"].to_numpy(dtype=float))], title))))
     if run["protocol"] == "cross" and len(results) and metric in results.columns:
         matrix = results.pivot_table(index="split", values=metric, aggfunc="mean").rename(columns={metric: name})
         title = f"{metric} per held-out dataset, run {run_id}"
-        figs.append((title, png_uri(figures.matrix(matrix, metric, title))))
+        figs.append((title, figures.png_uri(figures.matrix(matrix, metric, title))))
     settings = {k: cell_text(v) for k, v in run.items()}
     return {"run": run, "settings": settings, "results": results, "figures": figs}
 
