@@ -72,15 +72,13 @@ def _note(text: str) -> str:
 def build_report(store, out, metric: str = "f1", n_bootstrap: int = 200, ci_seed: int = 0, map_cells: int = 3000,
                  map_seed: int = 0, map_method: str = "auto", show_progress: bool = True) -> dict:
     """Write the report of ``store`` to ``out``; ``{"bytes", "figures", "seconds"}``."""
-    from ..probe.confidence import add_intervals
     from ..probe.leaderboard import leaderboard
-
     from ..store.schema import METRIC_COLUMNS
 
     start = time.perf_counter()
     if metric not in METRIC_COLUMNS:
         raise UserError(f"unknown metric {metric!r}: use one of {', '.join(METRIC_COLUMNS)}")
-    resolve_map_method(map_method)           # before any work: a missing extra is a one-line error
+    method = resolve_map_method(map_method)  # before any work: a missing extra is a one-line error
     out = Path(out)
     if out.exists() and out.is_dir():
         raise UserError(f"--out {out} is a folder: give a file name such as report.html")
@@ -93,10 +91,10 @@ def build_report(store, out, metric: str = "f1", n_bootstrap: int = 200, ci_seed
         board = leaderboard(store, metric=metric)
     except UserError:
         board = pd.DataFrame()
-    page = _page_parts = _Page()
+    page = _Page()
     backbones = store.extracted_backbones()
     with progress_bar("report", total=5 + len(backbones), enabled=show_progress) as advance:
-        _leaderboard(page, store, board, metric, n_bootstrap, ci_seed, add_intervals)
+        _leaderboard(page, store, board, metric, n_bootstrap, ci_seed)
         advance(1)
         _curves(page, store, board)
         advance(1)
@@ -105,7 +103,7 @@ def build_report(store, out, metric: str = "f1", n_bootstrap: int = 200, ci_seed
         advance(1)
         maps = page.section("maps", "Embedding maps")
         for backbone in backbones:
-            _map(page, maps, store, backbone, map_cells, map_seed, map_method)
+            _map(page, maps, store, backbone, map_cells, map_seed, method)
             advance(1)
         if not backbones:
             maps.append(_note("no embeddings in the store yet (scdrugmap extract)."))
@@ -118,10 +116,12 @@ def build_report(store, out, metric: str = "f1", n_bootstrap: int = 200, ci_seed
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(out)
-    return {"bytes": out.stat().st_size, "figures": _page_parts.n_figures, "seconds": time.perf_counter() - start}
+    return {"bytes": out.stat().st_size, "figures": page.n_figures, "seconds": time.perf_counter() - start}
 
 
-def _leaderboard(page, store, board, metric, n_bootstrap, ci_seed, add_intervals) -> None:
+def _leaderboard(page, store, board, metric, n_bootstrap, ci_seed) -> None:
+    from ..probe.confidence import add_intervals
+
     parts = page.section("leaderboard", "Leaderboard")
     if board.empty:
         parts.append(_note("no probe runs yet (scdrugmap probe)."))
@@ -223,7 +223,8 @@ def resolve_map_method(choice: str) -> str:
     return "UMAP"
 
 
-def _map(page, parts, store, backbone, map_cells, map_seed, map_method="auto") -> None:
+def _map(page, parts, store, backbone, map_cells, map_seed, method: str) -> None:
+    """A 2-D map of ``backbone``'s embeddings by ``method`` ('UMAP' or 'PCA', see :func:`resolve_map_method`)."""
     prov = store.provenance(backbone)
     cells = store.cells(datasets=list(prov["dataset"]), columns=["label"])
     n = len(cells)
@@ -232,7 +233,6 @@ def _map(page, parts, store, backbone, map_cells, map_seed, map_method="auto") -
         cells = cells.iloc[np.sort(rng.choice(n, map_cells, replace=False))].reset_index(drop=True)
     rows = store._embedding_rows(backbone, cells)
     X = store._read_embeddings(rows, cells, np.float32)
-    method = resolve_map_method(map_method)
     if method == "UMAP":
         import umap
 
