@@ -91,13 +91,11 @@ def table_to_h5ad(path: Path, sep: str, condition_col: str, dest: Path) -> None:
 def register(store_path: Path, part: Path, sha: str, fmt: str, folder: Path, request, condition_col: str | None):
     """Convert (tables), keep the file under its final name and ingest it; everything of this
     upload is removed again when it is refused."""
-    from ..store.ingest import DATASET_NAME_RE, ingest
+    from ..store.ingest import check_dataset_name, ingest
 
     final, made = folder / f"{request.dataset}-{sha[:16]}.h5ad", False
     try:
-        if not DATASET_NAME_RE.match(request.dataset or ""):
-            raise UserError(f"dataset name {request.dataset!r} is invalid: use letters, digits, '.', '_' or '-' "
-                            "(at most 100, starting with a letter or digit)")
+        check_dataset_name(request.dataset)   # before the file takes a name made from it
         if final.exists():
             raise UserError(f"this file was already uploaded as dataset {request.dataset!r}: open it in Datasets")
         made = True

@@ -171,10 +171,15 @@ def _label_columns(obs, req, warnings) -> tuple[pd.Series, pd.Series, dict]:
     return raw.map(lambda v: None if v is None else label_map[v]).astype(object), raw.astype(object), label_map
 
 
+def check_dataset_name(name: str | None) -> None:
+    if not DATASET_NAME_RE.match(name or ""):
+        raise UserError(f"dataset name {name!r} is invalid: use letters, digits, '.', '_' or '-' "
+                        "(at most 100, starting with a letter or digit)")
+
+
 def validate(req: IngestRequest, show_progress: bool = False):
     """All checks, no writes. Returns what :func:`ingest` registers."""
-    if not DATASET_NAME_RE.match(req.dataset):
-        raise UserError(f"dataset name {req.dataset!r} is invalid: use letters, digits, '.', '_' or '-'")
+    check_dataset_name(req.dataset)
     if req.values is not None and req.values not in src.VALUE_KINDS:
         raise UserError(f"--values must be one of {', '.join(src.VALUE_KINDS)}")
     if req.use_raw and req.layer is not None:
