@@ -128,6 +128,8 @@ def create_app(settings: Settings) -> Starlette:
         return csv_response(frame, "query.csv")
 
     def leaderboard(request: Request):
+        from ..probe.leaderboard import LEADERBOARD_PROTOCOLS
+
         q = request.query_params
         metric = q.get("metric", "f1")
         protocol = q.get("protocol") or None
@@ -151,7 +153,7 @@ def create_app(settings: Settings) -> Starlette:
         except UserError as e:
             error = " ".join(str(e).split())
         return page(request, "leaderboard.html", sections=sections, error=error, metric=metric,
-                    metrics=METRIC_COLUMNS, protocol=protocol or "", protocols=("pooled", "cross", "zero-shot"),
+                    metrics=METRIC_COLUMNS, protocol=protocol or "", protocols=LEADERBOARD_PROTOCOLS,
                     head=head or "", heads=data.heads(st), bootstrap=bootstrap)
 
     def run(request: Request):
@@ -290,12 +292,18 @@ def create_app(settings: Settings) -> Starlette:
         return RedirectResponse(f"/jobs/{job.id}", status_code=303)
 
     def train_form(request: Request):
+        from ..probe.heads import head_names
+        from ..probe.run import PROTOCOLS
+        from ..probe.splits import GROUP_BY_CHOICES
+
         st = store()
-        return page(request, "train.html", backbones=st.extracted_backbones(), heads=("lr", "lgbm", "mlp"),
-                    protocols=("pooled", "cross"), groupings=("auto", "sample", "patient", "none"))
+        return page(request, "train.html", backbones=st.extracted_backbones(), heads=head_names(),
+                    protocols=PROTOCOLS, groupings=GROUP_BY_CHOICES)
 
     async def train(request: Request):
-        from ..probe.run import run_probe
+        from ..probe.heads import head_names
+        from ..probe.run import PROTOCOLS, run_probe
+        from ..probe.splits import GROUP_BY_CHOICES
         from ..store.sql import check_condition
 
         require_writes(request)
@@ -306,8 +314,7 @@ def create_app(settings: Settings) -> Starlette:
         where = (form.get("where") or "").strip() or None
         if backbone not in backbones:
             raise Refused(400, f"backbone {backbone!r} has no embeddings in this store")
-        if head not in ("lr", "lgbm", "mlp") or protocol not in ("pooled", "cross") or \
-                group_by not in ("auto", "sample", "patient", "none"):
+        if head not in head_names() or protocol not in PROTOCOLS or group_by not in GROUP_BY_CHOICES:
             raise Refused(400, "choose a head, protocol and grouping of the lists")
         if where is not None:
             if len(where) > WHERE_MAX:
