@@ -126,6 +126,9 @@ def check_output_file(path: Path | None) -> None:
     if path.is_dir():
         raise UserError(f"cannot write {path}: it is a folder: give a file path")
     parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise UserError(f"cannot write {path}: folder {parent} does not exist: create it first, or give another "
+                        "file path")
     try:
         with tempfile.NamedTemporaryFile(dir=parent, prefix=".scdrugmap-check-"):
             pass

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import click
 
-from .cli_common import SEED, open_store, parse_options, print_table, store_option
-from .errors import UserError
+from .cli_common import SEED, check_output_file, open_store, parse_options, print_table, store_option
 
 
 @click.command()
@@ -124,15 +123,10 @@ def predict(store_path, model_name, dataset, where, seed, csv_path, parquet_path
       scdrugmap query --store st "SELECT call, count(*) FROM predictions GROUP BY ALL"
     """
     from .inference import predict as run_predict
-    from .store.common import check_writable_dir
 
-    outputs = [p for p in (csv_path, parquet_path, summary_path) if p is not None]
-
-    def check_outputs():
-        for p in outputs:
-            if p.exists() and p.is_dir():
-                raise UserError(f"{p} is a folder: give a file name")
-            check_writable_dir(p.parent if str(p.parent) else Path("."), f"{p.name}")
+    def check_outputs():                      # after the model's checks, before anything is stored
+        for p in (csv_path, parquet_path, summary_path):
+            check_output_file(p)
 
     result = run_predict(open_store(store_path), model_name, dataset, where=where, seed=seed,
                          show_progress=not quiet, check_outputs=check_outputs, model_dir=model_dir,
