@@ -65,7 +65,7 @@ class DatasetSource:
         if self.row["gene_id_type"] == "ensembl":
             ids = np.asarray(var_names.astype(str))
         elif self.row["gene_id_type"] == "entrez" and not col:
-            return self._entrez_ensembl()
+            return gene_ids.entrez_ensembl(self.entrez_ids())
         elif col:
             ids = var[col].astype(str).to_numpy()
         else:
@@ -75,9 +75,6 @@ class DatasetSource:
     def entrez_ids(self) -> np.ndarray | None:
         """NCBI Gene (Entrez) IDs of the genes, for a dataset ingested with them (else None)."""
         return src.entrez_ids(self.adata, self.row.get("source_layer")) if self.row["gene_id_type"] == "entrez" else None
-
-    def _entrez_ensembl(self) -> np.ndarray:
-        return gene_ids.entrez_ensembl(self.entrez_ids())
 
     def rows(self, lo: int, hi: int):
         return src.rows_csr(src.matrix(self.adata, self.row.get("source_layer")), lo, hi)
