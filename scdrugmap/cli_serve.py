@@ -47,4 +47,4 @@ def serve(store_path, host, port, allow_writes, max_upload_mb, upload_dir):
 
     if isinstance(store_path, str):
         raise UserError(f"{store_path} is a URL: serve a local store (download it with 'scdrugmap store unpack')")
-    run_server(store_path, host, port, allow_writes, max_upload_mb, upload_dir, echo=click.echo)
+    run_server(store_path, host, port, allow_writes, max_upload_mb, upload_dir)

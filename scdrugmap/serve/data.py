@@ -116,7 +116,7 @@ def run_page(store: Store, run_id: str, metric: str = "f1") -> dict | None:
         return None
     run = runs.iloc[0].to_dict()
     results = store.sql("SELECT * FROM probe_results WHERE run_id = ? ORDER BY split", [run_id])
-    results = results.drop(columns=[c for c in ("run_id",) if c in results.columns])
+    results = results.drop(columns="run_id")
     figs = []
     scores = store.sql("SELECT score, label FROM probe_predictions WHERE run_id = ?", [run_id])
     name = f"{run['backbone']} · {run['head']}"
@@ -129,7 +129,7 @@ def run_page(store: Store, run_id: str, metric: str = "f1") -> dict | None:
         title = f"{metric} per held-out dataset, run {run_id}"
         figs.append((title, figures.png_uri(figures.matrix(matrix, metric, title))))
     settings = {k: cell_text(v) for k, v in run.items()}
-    return {"run": run, "settings": settings, "results": results, "figures": figs}
+    return {"settings": settings, "results": results, "figures": figs}
 
 
 def model_names(store: Store) -> list[str]:

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import UserError
+from ..store.common import disk_error_or
 
 FORMATS = {".h5ad": "h5ad", ".csv": "csv", ".tsv": "tsv", ".txt": "tsv"}
 BLOCK = 1 << 20
@@ -50,9 +51,9 @@ async def save_stream(upload, folder: Path, limit: int) -> tuple[Path, str]:
                                    "start the server with a larger --max-upload-mb")
                 digest.update(block)
                 out.write(block)
-    except BaseException:
+    except BaseException as e:
         Path(name).unlink(missing_ok=True)
-        raise
+        raise disk_error_or(e, folder, "saving the upload") from None
     if size == 0:
         Path(name).unlink(missing_ok=True)
         raise UserError("the uploaded file is empty: choose a file")
@@ -88,7 +89,7 @@ def table_to_h5ad(path: Path, sep: str, condition_col: str, dest: Path) -> None:
     adata.write_h5ad(dest)
 
 
-def register(store_path: Path, part: Path, sha: str, fmt: str, folder: Path, request, condition_col: str | None):
+def register(store_path: Path, part: Path, sha: str, fmt: str, folder: Path, request):
     """Convert (tables), keep the file under its final name and ingest it; everything of this
     upload is removed again when it is refused."""
     from ..store.ingest import check_dataset_name, ingest
@@ -102,7 +103,7 @@ def register(store_path: Path, part: Path, sha: str, fmt: str, folder: Path, req
         if fmt == "h5ad":
             os.replace(part, final)
         else:
-            table_to_h5ad(part, "," if fmt == "csv" else "\t", condition_col or "condition", final)
+            table_to_h5ad(part, "," if fmt == "csv" else "\t", request.label_col, final)
         request.file = final
         return ingest(store_path, request)
     except BaseException:

@@ -147,13 +147,32 @@ def test_serve_needs_its_extra_and_warns_off_loopback(st, monkeypatch):
     import uvicorn
 
     calls = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append(kw))
-    r = runner.invoke(main, ["serve", "--store", str(st)])
+
+    def run(server, sockets):                 # the socket the server would answer on, not served
+        calls.append({"host": sockets[0].getsockname()[0], "port": sockets[0].getsockname()[1]})
+        sockets[0].close()
+
+    monkeypatch.setattr(uvicorn.Server, "run", run)
+    r = runner.invoke(main, ["serve", "--store", str(st), "--port", "0"])
     assert r.exit_code == 0 and calls[-1]["host"] == "127.0.0.1" and "warning" not in r.stderr
-    r = runner.invoke(main, ["serve", "--store", str(st), "--host", "0.0.0.0", "--allow-writes"])
+    assert f"at http://127.0.0.1:{calls[-1]['port']} " in r.stderr and calls[-1]["port"] > 0   # the real port
+    r = runner.invoke(main, ["serve", "--store", str(st), "--host", "0.0.0.0", "--allow-writes", "--port", "0"])
     assert r.exit_code == 0 and calls[-1]["host"] == "0.0.0.0"
     assert "warning: listening on 0.0.0.0: the app is reachable from other machines" in r.stderr
     r = runner.invoke(main, ["serve", "--store", str(st.parent / "nope")])
     assert r.exit_code == 2 and "does not exist" in r.stderr
+    # a busy port, an unknown host and an upload folder that cannot be made: one line each, exit 2
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        r = runner.invoke(main, ["serve", "--store", str(st), "--port", str(busy.getsockname()[1])])
+    assert r.exit_code == 2 and r.stderr.startswith("Error: cannot listen on 127.0.0.1 port") and \
+        r.stderr.count("\n") == 1
+    r = runner.invoke(main, ["serve", "--store", str(st), "--host", "no-such-host.invalid"])
+    assert r.exit_code == 2 and r.stderr.startswith("Error: --host no-such-host.invalid")
+    r = runner.invoke(main, ["serve", "--store", str(st), "--allow-writes", "--upload-dir", "/proc/uploads"])
+    assert r.exit_code == 2 and "--upload-dir" in r.stderr
     r = runner.invoke(main, ["serve", "--help"])
     assert r.exit_code == 0 and "Examples:" in r.output and "--allow-writes" in r.output
