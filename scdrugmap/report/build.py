@@ -16,7 +16,7 @@ import pandas as pd
 from .._version import __version__
 from ..errors import UserError
 from ..progress import progress_bar
-from ..store.common import now
+from ..store.common import check_writable_dir, disk_error_or, now
 from . import figures
 
 STYLE = """
@@ -82,8 +82,7 @@ def build_report(store, out, metric: str = "f1", n_bootstrap: int = 200, ci_seed
     out = Path(out)
     if out.exists() and out.is_dir():
         raise UserError(f"--out {out} is a folder: give a file name such as report.html")
-    if not out.parent.exists():
-        raise UserError(f"--out {out}: folder {out.parent} does not exist; create it or choose another path")
+    check_writable_dir(out.parent if str(out.parent) else Path("."), out.name)   # before the work, not after
     datasets = store.datasets()
     if datasets.empty:
         raise UserError("the store has no datasets yet: run 'scdrugmap ingest' and 'scdrugmap probe' first")
@@ -114,8 +113,12 @@ def build_report(store, out, metric: str = "f1", n_bootstrap: int = 200, ci_seed
     text = page.html(f"scdrugmap report — {store.location}")
     text = text.replace("</h1>", f"</h1>{_note(f'written {now():%Y-%m-%d %H:%M} UTC by scdrugmap {__version__}')}", 1)
     tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(out)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(out)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise disk_error_or(e, out, "writing the report") from None
     return {"bytes": out.stat().st_size, "figures": page.n_figures, "seconds": time.perf_counter() - start}
 
 
@@ -225,14 +228,12 @@ def resolve_map_method(choice: str) -> str:
 
 def _map(page, parts, store, backbone, map_cells, map_seed, method: str) -> None:
     """A 2-D map of ``backbone``'s embeddings by ``method`` ('UMAP' or 'PCA', see :func:`resolve_map_method`)."""
-    prov = store.provenance(backbone)
-    cells = store.cells(datasets=list(prov["dataset"]), columns=["label"])
+    cells = store.cells(datasets=list(store.provenance(backbone)["dataset"]), columns=["label"])
     n = len(cells)
     if n > map_cells:
         rng = np.random.default_rng(map_seed)
         cells = cells.iloc[np.sort(rng.choice(n, map_cells, replace=False))].reset_index(drop=True)
-    rows = store._embedding_rows(backbone, cells)
-    X = store._read_embeddings(rows, cells, np.float32)
+    X = store.load_rows(backbone, cells, np.float32)
     if method == "UMAP":
         import umap
 

@@ -186,9 +186,9 @@ class RemoteStore(Store):
             raise UserError(f"embedding array {rel} is missing at {self.embeddings_url}: the remote store is "
                             "incomplete (was it uploaded whole?)") from None
 
-    def load(self, backbone: str, where: str | None = None, datasets=None, dtype=None, columns=None):
+    def load_rows(self, backbone: str, cells, dtype=None):
         try:
-            return super().load(backbone, where=where, datasets=datasets, dtype=dtype, columns=columns)
+            return super().load_rows(backbone, cells, dtype=dtype)
         except UserError:
             raise
         except Exception as e:

@@ -420,10 +420,15 @@ class Store:
         successor; a damaged or missing chunk is a one-line error naming it.
         """
         cells = self.cells(where, datasets, columns)
+        return self.load_rows(backbone, cells, dtype), cells.reset_index(drop=True)
+
+    def load_rows(self, backbone: str, cells: pd.DataFrame, dtype=None) -> np.ndarray:
+        """Embeddings of ``cells`` (a frame of :meth:`cells`, e.g. a subsample), in its order; the
+        same checks, retry and one-line errors as :meth:`load`."""
         for attempt in range(3):
             prov = self._embedding_rows(backbone, cells)
             try:
-                return self._read_embeddings(prov, cells, dtype), cells.reset_index(drop=True)
+                return self._read_embeddings(prov, cells, dtype)
             except (arrays.ArrayMissing, arrays.ChunkError) as e:
                 again = self._embedding_rows(backbone, cells)
                 if attempt == 2 or again["array_path"].equals(prov["array_path"]):

@@ -156,8 +156,13 @@ def test_report_mistakes_are_one_line_and_leave_the_store(cli, store_copy, tmp_p
     cli.fails("report", "--store", st, "--out", tmp_path, match="is a directory")
     cli.fails("report", "--store", st, "--out", tmp_path / "r.html", "--metric", "nope", match="unknown metric")
     cli.fails("leaderboard", "--store", st, "--bootstrap", "-1", match="--bootstrap")
+    cli.fails("report", "--store", st, "--out", "/proc/r.html", match="cannot write r.html in /proc")  # before the work
     assert snapshot(st) == before
     assert not (tmp_path / "r.html").exists()
+    # a damaged store (an embedding array deleted): the one-line error of every reader, no report
+    shutil.rmtree(st / "embeddings.zarr" / "pca")
+    cli.fails("report", "--store", st, "--out", tmp_path / "r.html", "--quiet", match="is missing")
+    assert not (tmp_path / "r.html").exists() and not (tmp_path / "r.html.tmp").exists()
 
 
 def test_leaderboard_prints_intervals(cli, small_store):
