@@ -107,7 +107,7 @@ def fit_model(store: Store, backbone: str, head: str = "lr", where: str | None =
                             "widen --where")
         advance.describe(f"{backbone} · {head} · fitting on {len(y):,} cells")
         with threadpool_limits(limits=1):
-            estimator.fit(X, y)
+            _fit(estimator, X, y, head)
         advance(1)
         seconds = time.perf_counter() - t0
         datasets = sorted(cells["dataset"].unique())
@@ -149,6 +149,19 @@ def fit_model(store: Store, backbone: str, head: str = "lr", where: str | None =
         advance(1)
     return FittedModel(name, backbone, head, int(len(y)), row["n_sensitive"], row["n_resistant"], datasets, dim,
                        folder, seconds, cv, estimator, n_unlabelled)
+
+
+def _fit(estimator, X, y, head: str) -> None:
+    """Fit; LightGBM checks its parameters only here, so a bad --param value is a one-line error now."""
+    try:
+        estimator.fit(X, y)
+    except Exception as e:
+        from lightgbm.basic import LightGBMError
+
+        if isinstance(e, LightGBMError):
+            raise UserError(f"invalid parameter for head {head!r}: {str(e).splitlines()[0]} "
+                            "(give another value with --param NAME=VALUE)") from None
+        raise
 
 
 def _plain(value):

@@ -94,7 +94,16 @@ def _build(cls, name: str, defaults: dict, params: dict):
             f"unknown parameter(s) {', '.join(unknown)} for head {name!r}; "
             f"valid ones: {', '.join(sorted(valid))}"
         )
-    return cls(**{**defaults, **params})
+    estimator = cls(**{**defaults, **params})
+    if params and hasattr(estimator, "_parameter_constraints"):    # scikit-learn's own value checks, now
+        from sklearn.utils._param_validation import InvalidParameterError
+
+        try:
+            estimator._validate_params()
+        except InvalidParameterError as e:
+            raise UserError(f"invalid parameter for head {name!r}: {str(e).splitlines()[0]} "
+                            "(give another value with --param NAME=VALUE)") from None
+    return estimator
 
 
 class BalancedMLPClassifier(MLPClassifier):

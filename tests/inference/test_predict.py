@@ -162,6 +162,10 @@ def test_user_errors_leave_the_store_as_it_was(store_copy, cli, tmp_path):
     cli.fails("fit", "--store", path, "--backbone", "pca", "--where", "label = 'resistant'", match="both sensitive")
     cli.fails("fit", "--store", path, "--backbone", "hvg", match="no embeddings")
     cli.fails("fit", "--store", path, "--backbone", "pca", "--name", "../x", match="invalid model name")
+    for head, param in (("lr", "C=abc"), ("lr", "C=-1"), ("mlp", "alpha=x"), ("lgbm", "num_leaves=abc"),
+                        ("lgbm", "num_leaves=1")):            # scikit-learn's and LightGBM's own checks, one line
+        cli.fails("fit", "--store", path, "--backbone", "pca", "--head", head, "--param", param, "--name", "p",
+                  "--quiet", match=f"invalid parameter for head '{head}'")
     cli.fails("predict", "--store", path, "--model", "nope", "--dataset", NEW, match="no model 'nope'")
     cli.fails("predict", "--store", path, "--model", "m", "--dataset", "nope", match="unknown dataset")
     cli.fails("predict", "--store", path, "--model", "m", "--dataset", NEW, "--where", "row < 0", match="matches no")
