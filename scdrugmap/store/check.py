@@ -105,9 +105,12 @@ def _check_arrays(store: Store, report: StoreCheck) -> None:
 
 
 def _check_models(store: Store, report: StoreCheck) -> None:
+    """The fitted baseline models' arrays (models/<backbone>/...); saved heads are :func:`_check_heads`'s."""
     folder = store.path / "models"
     for path in sorted(folder.rglob("*.npz")) if folder.is_dir() else []:
         rel = path.relative_to(store.path).as_posix()
+        if rel.startswith(HEADS_DIR + "/"):
+            continue
         try:
             with np.load(path, allow_pickle=False) as data:
                 for key in data.files:
