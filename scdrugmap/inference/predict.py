@@ -157,9 +157,7 @@ def predict(store: Store, model: str, dataset: str, where: str | None = None, se
 
         if check_outputs is not None:
             check_outputs()
-        cells = store.cells(where, datasets=[dataset], columns=columns)
-        if cells.empty:
-            raise UserError(f"--where {where!r} selects no cells of dataset {dataset!r}")
+        cells = store.cells(where, datasets=[dataset], columns=columns)   # none selected: its one-line error
         if dataset in set(run["datasets"]):
             notes.append(f"{dataset} is in the cohort of LoRA run {model}: each fold's adapters were trained on some "
                          "of its cells, so these predictions are partly in-sample (optimistic)")
@@ -181,8 +179,6 @@ def predict(store: Store, model: str, dataset: str, where: str | None = None, se
                          "'scdrugmap models'")
         t_load = time.perf_counter()
         X, cells = store.load(row["backbone"], where=where, datasets=[dataset], dtype=np.float32, columns=columns)
-        if cells.empty:
-            raise UserError(f"--where {where!r} selects no cells of dataset {dataset!r}")
         if X.shape[1] != int(manifest["dim"]):
             raise UserError(f"model {model!r} takes {manifest['dim']} features, the embeddings have {X.shape[1]}: "
                             "re-extract the dataset with the model's settings")
