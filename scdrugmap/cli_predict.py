@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from .cli_common import SEED, check_output_file, open_store, parse_options, print_table, store_option
+from .cli_common import (SEED, check_output_file, echo_notes, open_store, parse_options, print_table, save_csv,
+                         store_option)
 
 
 @click.command()
@@ -131,14 +132,11 @@ def predict(store_path, model_name, dataset, where, seed, csv_path, parquet_path
     result = run_predict(open_store(store_path), model_name, dataset, where=where, seed=seed,
                          show_progress=not quiet, check_outputs=check_outputs, model_dir=model_dir,
                          device=device, batch_size=batch_size)
-    for note in result.notes:
-        click.echo(f"note: {note}", err=True)
-    if csv_path:
-        result.cells.to_csv(csv_path, index=False)
+    echo_notes(result.notes)
+    save_csv(result.cells, csv_path)
     if parquet_path:
         result.cells.to_parquet(parquet_path, index=False)
-    if summary_path:
-        result.summary.to_csv(summary_path, index=False)
+    save_csv(result.summary, summary_path)
     for level in ("dataset", "patient", "sample"):
         part = result.summary[result.summary["level"] == level].drop(columns="level")
         if len(part) and not (level != "dataset" and len(part) == 1 and part["group"].iloc[0] == "(none)"):
