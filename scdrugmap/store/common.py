@@ -37,6 +37,30 @@ def sha256_file(path: Path, block: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+_WINDOWS_PATH = re.compile(r"^[A-Za-z]:[\\/]")
+
+
+def looks_like_local_path(value: str) -> bool:
+    return "\n" not in value and (value.startswith(("/", "~", "\\\\")) or bool(_WINDOWS_PATH.match(value)))
+
+
+def path_basename(value: str) -> str:
+    return re.split(r"[\\/]", value.rstrip("/\\"))[-1]
+
+
+def strip_paths(obj):
+    """``obj`` (JSON-like) with every local file path reduced to its file name: what 'store pack
+    --strip-paths' writes, and how provenance parameters are compared (the same checkpoint in
+    another folder is the same checkpoint)."""
+    if isinstance(obj, str):
+        return path_basename(obj) if looks_like_local_path(obj) else obj
+    if isinstance(obj, list):
+        return [strip_paths(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: strip_paths(v) for k, v in obj.items()}
+    return obj
+
+
 def is_url(path) -> bool:
     """True for 's3://...', 'https://...' and other fsspec URLs (a 'file://' URL is a local path)."""
     m = _URL_RE.match(path) if isinstance(path, str) else None

@@ -41,7 +41,8 @@ import duckdb
 from .._version import __version__
 from ..errors import UserError
 from .schema import SCHEMA_VERSION
-from .common import EMBEDDINGS, INDEX, check_writable_dir, disk_error_or, is_url, local_path, now
+from .common import (EMBEDDINGS, INDEX, check_writable_dir, disk_error_or, is_url, local_path, now,
+                     path_basename, strip_paths)
 from .common import first_line as _first_line
 from .locks import work_dir
 from .store import Store
@@ -150,33 +151,12 @@ def index_summary(index_path) -> dict:
 
 
 # ---- stripping local paths -----------------------------------------------------------------
-_WINDOWS_PATH = re.compile(r"^[A-Za-z]:[\\/]")
-
-
-def _looks_like_path(value: str) -> bool:
-    return "\n" not in value and (value.startswith(("/", "~", "\\\\")) or bool(_WINDOWS_PATH.match(value)))
-
-
-def _basename(value: str) -> str:
-    return re.split(r"[\\/]", value.rstrip("/\\"))[-1]
-
-
-def _strip(obj):
-    if isinstance(obj, str):
-        return _basename(obj) if _looks_like_path(obj) else obj
-    if isinstance(obj, list):
-        return [_strip(v) for v in obj]
-    if isinstance(obj, dict):
-        return {k: _strip(v) for k, v in obj.items()}
-    return obj
-
-
 def _strip_json(text: str | None) -> str | None:
     try:
         obj = json.loads(text)
     except (TypeError, ValueError):
         return text
-    stripped = _strip(obj)
+    stripped = strip_paths(obj)
     return text if stripped == obj else json.dumps(stripped, sort_keys=True)
 
 
@@ -189,7 +169,7 @@ def strip_index_paths(index_path, dest) -> None:
     """
     with duckdb.connect(str(index_path)) as con:
         for dataset, path in con.execute("SELECT dataset, source_path FROM datasets").fetchall():
-            con.execute("UPDATE datasets SET source_path = ? WHERE dataset = ?", [_basename(path), dataset])
+            con.execute("UPDATE datasets SET source_path = ? WHERE dataset = ?", [path_basename(path), dataset])
         for table, keys in (("provenance", ("backbone", "dataset")), ("probe_runs", ("run_id",))):
             for *key, params in con.execute(f"SELECT {', '.join(keys)}, params FROM {table}").fetchall():
                 new = _strip_json(params)
