@@ -318,8 +318,8 @@ def leaderboard(store_path, metric, protocol, where_runs, all_runs, bootstrap, c
     if as_json:
         print_json(frame)
     else:
-        for title, part in leaderboard_sections(frame, metric):
-            print_table(part, title=title)
+        for heading, part in leaderboard_sections(frame):
+            print_table(part, title=f"Leaderboard by {metric}: {heading}")
     if (frame["leaky"] == "yes").any():
         echo_notes([LEAKY_NOTE])
 

@@ -84,7 +84,8 @@ def run_demo(out: Path, seed: int = 0, echo=print, table=None) -> Store:
     run_probe(store, "pca", head="lr", protocol="pooled", group_by="none", seed=seed, show_progress=False)
     echo("5/5 leaderboard")
     board = leaderboard(store, metric="f1")
-    for title, part in leaderboard_sections(board, "F1 (resistant = positive)"):
+    for heading, part in leaderboard_sections(board):
+        title = f"Leaderboard by F1 (resistant = positive): {heading}"
         if table is not None:
             table(part.drop(columns=["run_id"]), title=title)
         else:

@@ -85,9 +85,9 @@ def leaderboard(store: Store, metric: str = "f1", protocol: str | None = None, w
     return frame.reset_index(drop=True)
 
 
-def leaderboard_sections(frame: pd.DataFrame, metric: str):
-    """``(title, table)`` per cohort and protocol of a :func:`leaderboard` frame, for printing
-    (``metric`` as the title names it, e.g. 'F1')."""
+def leaderboard_sections(frame: pd.DataFrame):
+    """``(heading, table)`` per cohort and protocol of a :func:`leaderboard` frame, in its order:
+    the heading 'protocol P, cohort: C' ('all cells' for the whole store), the table without
+    those two columns. The terminal, the demo, the report and the web app show these."""
     for (cohort, protocol), part in frame.groupby(["cohort", "protocol"], sort=False):
-        title = f"Leaderboard by {metric}: protocol {protocol}, cohort: {cohort if cohort else 'all cells'}"
-        yield title, part.drop(columns=["cohort", "protocol"])
+        yield f"protocol {protocol}, cohort: {cohort if cohort else 'all cells'}", part.drop(columns=["cohort", "protocol"])

@@ -124,6 +124,7 @@ def build_report(store, out, metric: str = "f1", n_bootstrap: int = 200, ci_seed
 
 def _leaderboard(page, store, board, metric, n_bootstrap, ci_seed) -> None:
     from ..probe.confidence import add_intervals
+    from ..probe.leaderboard import leaderboard_sections
 
     parts = page.section("leaderboard", "Leaderboard")
     if board.empty:
@@ -133,9 +134,9 @@ def _leaderboard(page, store, board, metric, n_bootstrap, ci_seed) -> None:
     parts.append(_note(f"{metric}: mean over splits; {metric}_low/{metric}_high: 95 % bootstrap interval "
                        f"({n_bootstrap} replicates, seed {ci_seed}; cells resampled within splits, or whole "
                        "samples/patients when the splits were grouped). leaky = cell-level split."))
-    for (cohort, protocol), part in board.groupby(["cohort", "protocol"], sort=False):
-        parts.append(f"<h3>protocol {html.escape(protocol)}, cohort: {html.escape(cohort or 'all cells')}</h3>")
-        parts.append(_table(part.drop(columns=["cohort", "protocol"])))
+    for heading, part in leaderboard_sections(board):
+        parts.append(f"<h3>{html.escape(heading)}</h3>")
+        parts.append(_table(part))
 
 
 def _scores(store, run_ids) -> pd.DataFrame:

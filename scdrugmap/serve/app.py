@@ -125,7 +125,7 @@ def create_app(settings: Settings) -> Starlette:
         return csv_response(frame, "query.csv")
 
     def leaderboard(request: Request):
-        from ..probe.leaderboard import LEADERBOARD_PROTOCOLS
+        from ..probe.leaderboard import LEADERBOARD_PROTOCOLS, leaderboard_sections
 
         q = request.query_params
         metric = q.get("metric", "f1")
@@ -143,10 +143,8 @@ def create_app(settings: Settings) -> Starlette:
         sections, error = [], None
         try:
             frame = data.leaderboard(st, metric, protocol, head, bootstrap)
-            for (cohort, prot), part in frame.groupby(["cohort", "protocol"], sort=False):
-                sections.append({"title": f"protocol {prot}, cohort: {cohort or 'all cells'}",
-                                 "table": data.table(part.drop(columns=["cohort", "protocol"])),
-                                 "run_ids": list(part["run_id"])})
+            for heading, part in leaderboard_sections(frame):
+                sections.append({"title": heading, "table": data.table(part), "run_ids": list(part["run_id"])})
         except UserError as e:
             error = " ".join(str(e).split())
         return page(request, "leaderboard.html", sections=sections, error=error, metric=metric,
