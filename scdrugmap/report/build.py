@@ -7,6 +7,7 @@ sheet is inline, so the file opens anywhere and can be mailed.
 from __future__ import annotations
 
 import html
+import math
 import time
 from pathlib import Path
 
@@ -51,16 +52,25 @@ class _Page:
                 "</body></html>\n")
 
 
-def _table(frame: pd.DataFrame, floatfmt: str = "{:.3f}") -> str:
-    def fmt(v):
-        if isinstance(v, (float, np.floating)):
-            return "" if not np.isfinite(v) else floatfmt.format(v)
-        if isinstance(v, (list, tuple, np.ndarray)):
-            return ", ".join(map(str, v))
-        return "" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v)
+def cell_text(value, floatfmt: str = "{:.3f}") -> str:
+    """A table cell as text in the report and the web app: numbers rounded, missing values empty."""
+    if value is None:
+        return ""
+    if isinstance(value, (float, np.floating)):
+        return "" if not math.isfinite(value) else floatfmt.format(value)
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return ", ".join(map(str, value))
+    try:
+        if pd.isna(value):
+            return ""
+    except (TypeError, ValueError):
+        pass
+    return str(value)
 
+
+def _table(frame: pd.DataFrame, floatfmt: str = "{:.3f}") -> str:
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
-    rows = "".join("<tr>" + "".join(f"<td>{html.escape(fmt(v))}</td>" for v in row) + "</tr>"
+    rows = "".join("<tr>" + "".join(f"<td>{html.escape(cell_text(v, floatfmt))}</td>" for v in row) + "</tr>"
                    for row in frame.itertuples(index=False))
     return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
 

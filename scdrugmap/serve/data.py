@@ -2,32 +2,16 @@
 
 from __future__ import annotations
 
-import math
 import threading
 
-import numpy as np
 import pandas as pd
 
 from ..errors import UserError
+from ..report.build import cell_text
 from ..store.store import Store
 
 BASELINES = ("hvg", "pca")        # backbones without weights: what an upload is extracted with
 MAX_SQL_ROWS = 500                # rows shown in the SQL box (the CSV download has them all)
-
-
-def cell_text(value, floatfmt: str = "{:.3f}") -> str:
-    if value is None:
-        return ""
-    if isinstance(value, (float, np.floating)):
-        return "" if not math.isfinite(value) else floatfmt.format(value)
-    if isinstance(value, (list, tuple, np.ndarray)):
-        return ", ".join(map(str, value))
-    try:
-        if pd.isna(value):
-            return ""
-    except (TypeError, ValueError):
-        pass
-    return str(value)
 
 
 def table(frame: pd.DataFrame, floatfmt: str = "{:.3f}") -> dict:
