@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import UserError
-from ..store.schema import METRIC_COLUMNS
+from ..store.schema import check_metric
 from .metrics import score
 
 CI_LEVEL = 0.95
@@ -118,8 +118,7 @@ def _replicates(splits: list[_Split], metric: str, n: int, seed: int, columns: i
 
 
 def _check(metric: str, n: int) -> None:
-    if metric not in METRIC_COLUMNS:
-        raise UserError(f"unknown metric {metric!r}: use one of {', '.join(METRIC_COLUMNS)}")
+    check_metric(metric)
     if n < 1:
         raise UserError(f"--bootstrap must be at least 1, got {n}")
 

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import UserError
-from ..store.schema import METRIC_COLUMNS
+from ..store.schema import check_metric
 from ..store.sql import check_condition, embed
 from ..store.store import Store
 
@@ -52,8 +52,7 @@ def leaderboard(store: Store, metric: str = "f1", protocol: str | None = None, w
     grouping, cohort and seed: a run with another seed is another row, never a replacement);
     with ``all_runs`` every stored run, with its ``created_at``. ``where`` is a condition on
     ``probe_runs``."""
-    if metric not in METRIC_COLUMNS:
-        raise UserError(f"unknown metric {metric!r}: use one of {', '.join(METRIC_COLUMNS)}")
+    check_metric(metric)
     if protocol is not None and protocol not in LEADERBOARD_PROTOCOLS:
         raise UserError(f"unknown protocol {protocol!r}: use one of {', '.join(LEADERBOARD_PROTOCOLS)}")
     conditions, params = ["TRUE"], []

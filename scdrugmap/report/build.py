@@ -83,11 +83,10 @@ def build_report(store, out, metric: str = "f1", n_bootstrap: int = 200, ci_seed
                  map_seed: int = 0, map_method: str = "auto", show_progress: bool = True) -> dict:
     """Write the report of ``store`` to ``out``; ``{"bytes", "figures", "seconds"}``."""
     from ..probe.leaderboard import leaderboard
-    from ..store.schema import METRIC_COLUMNS
+    from ..store.schema import check_metric
 
     start = time.perf_counter()
-    if metric not in METRIC_COLUMNS:
-        raise UserError(f"unknown metric {metric!r}: use one of {', '.join(METRIC_COLUMNS)}")
+    check_metric(metric)
     method = resolve_map_method(map_method)  # before any work: a missing extra is a one-line error
     out = Path(out)
     if out.exists() and out.is_dir():

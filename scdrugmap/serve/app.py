@@ -27,7 +27,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from ..errors import UserError
-from ..store.schema import METRIC_COLUMNS
+from ..store.schema import METRIC_COLUMNS, check_metric
 from ..store.store import Store
 from . import data
 from .jobs import Jobs
@@ -135,8 +135,7 @@ def create_app(settings: Settings) -> Starlette:
             bootstrap = int(q.get("bootstrap", "200"))
         except ValueError:
             raise Refused(400, "bootstrap must be a whole number of replicates (0 for none)") from None
-        if metric not in METRIC_COLUMNS:
-            raise Refused(400, f"unknown metric {metric!r}: use one of {', '.join(METRIC_COLUMNS)}")
+        check_metric(metric)                      # a UserError: the 400 page
         if not 0 <= bootstrap <= 5000:
             raise Refused(400, "bootstrap must be between 0 and 5000 replicates")
         st = store()
@@ -153,9 +152,7 @@ def create_app(settings: Settings) -> Starlette:
 
     def run(request: Request):
         run_id = checked(request.path_params["run_id"], RUN_ID_RE, "run id")
-        metric = request.query_params.get("metric", "f1")
-        if metric not in METRIC_COLUMNS:
-            raise Refused(400, f"unknown metric {metric!r}: use one of {', '.join(METRIC_COLUMNS)}")
+        metric = check_metric(request.query_params.get("metric", "f1"))
         info = data.run_page(store(), run_id, metric)
         if info is None:
             raise Refused(404, f"no run {run_id!r}: run ids are in the leaderboard")

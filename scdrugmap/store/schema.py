@@ -158,6 +158,15 @@ METRIC_COLUMNS = (
 )
 
 
+def check_metric(metric: str) -> str:
+    """``metric`` if it is one of the stored metrics, else the one-line error naming them."""
+    if metric not in METRIC_COLUMNS:
+        from ..errors import UserError
+
+        raise UserError(f"unknown metric {metric!r}: use one of {', '.join(METRIC_COLUMNS)}")
+    return metric
+
+
 # The ``cohort`` view: one row per cell with its dataset's context (what ``--where`` sees).
 # Re-created after every ingest, because ingest may add obs columns to ``cells``.
 COHORT_VIEW = (
